@@ -1,0 +1,19 @@
+"""kvpass: compiler-style passes that shrink a trained transformer's KV cache.
+
+    >>> import kvpass
+    >>> sorted(kvpass.FORMS)
+    ['full', 'mhc', 'shared_kv', 'sparse', 'window']
+"""
+
+from .api import Report, kv_bytes_per_token, optimize
+from .capture import Captured, capture
+from .errors import CaptureError, KVPassError, PolicyError, SiteError
+from .policy import FORMS, MHC, Form, Full, Policy, SharedKV, Sparse, Window
+from .sites import AttentionSite, find_sites
+
+__version__ = "0.1.0"
+__all__ = [
+    "optimize", "kv_bytes_per_token", "Report", "capture", "Captured", "find_sites", "AttentionSite",
+    "Policy", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "FORMS",
+    "KVPassError", "CaptureError", "SiteError", "PolicyError",
+]

@@ -1,0 +1,178 @@
+"""Capture: a model (or one module call of it) traced into an FX graph with ``torch.export``.
+
+``torch.fx.symbolic_trace`` fails on Hugging Face models, so kvpass never uses it.  Capture is
+non-strict ``torch.export`` with every tensor dimension ``Dim.AUTO`` (dynamic where the model
+allows), falling back to strict export (dynamo) when that fails.  The graph is the unlifted
+``ExportedProgram.module()`` graph: parameters appear as ``get_attr`` nodes named by their
+qualified names, and each node keeps ``nn_module_stack`` / ``val`` metadata.
+
+Example:
+    >>> import torch, kvpass
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> cap = kvpass.capture(LlamaForCausalLM(cfg).eval())
+    >>> any(n.op == "call_function" for n in cap.graph.nodes)
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+__all__ = ["Captured", "capture", "capture_call", "default_example_inputs", "bind_call"]
+
+SAMPLE_BATCH, SAMPLE_SEQ = 2, 13  # distinct, > 1: no dimension gets specialised by accident
+
+
+@dataclass
+class Captured:
+    """A traced graph with the sample values of every node.
+
+    ``input_paths[i]`` is the key path (``pytree.keystr``) of the i-th graph input inside the
+    flattened keyword arguments; ``env`` maps each node to its value on the sample inputs.
+    """
+
+    module: fx.GraphModule
+    input_paths: list[str]
+    out_spec: pytree.TreeSpec
+    env: dict[fx.Node, object] = field(default_factory=dict, repr=False)
+    sample: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+
+def default_example_inputs(model: nn.Module) -> dict:
+    """Token ids [2, 13] for models with an input embedding (HF LMs and encoders)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Embedding):
+        raise CaptureError(
+            f"{type(model).__name__}: no example inputs given and the model has no input "
+            "embedding to make token ids for; pass example_inputs=(tensor, ...) or a dict")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, emb.num_embeddings, (SAMPLE_BATCH, SAMPLE_SEQ), generator=g)
+    return {"input_ids": ids.to(emb.weight.device)}
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Bind a call to ``module.forward``'s signature: one flat dict of keyword arguments."""
+    fwd = getattr(module, "_forward_of", None) or module.forward
+    sig = inspect.signature(fwd)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"{type(module).__name__}.forward: {e}") from e
+    out: dict = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise CaptureError(f"{type(module).__name__}.forward takes *args; not supported")
+        else:
+            out[name] = value
+    return out
+
+
+def _dynamic_shapes(kwargs: dict):
+    def spec(x):
+        return {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+
+    return pytree.tree_map(spec, kwargs)
+
+
+class _Root(nn.Module):
+    """Calls the captured module with one dict of keyword arguments (export-friendly)."""
+
+    def __init__(self, mod: nn.Module):
+        super().__init__()
+        self.kvroot = mod
+
+    def forward(self, inputs: dict):
+        return self.kvroot(**inputs)
+
+
+def _export(module: nn.Module, kwargs: dict):
+    logging.getLogger("torch._export").setLevel(logging.ERROR)  # 0/1 specialisation notes
+    shapes = (_dynamic_shapes(kwargs),)
+    errors = []
+    for strict in (False, True):
+        try:
+            return torch.export.export(_Root(module), (kwargs,), dynamic_shapes=shapes, strict=strict)
+        except Exception as e:  # noqa: BLE001 - report both attempts below
+            errors.append(f"{'strict' if strict else 'non-strict'} export: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}")
+    raise CaptureError(f"could not capture {type(module).__name__}: " + "; ".join(errors))
+
+
+def _unlifted(ep) -> fx.GraphModule:
+    gm = ep.module()
+    gm._forward_pre_hooks.clear()  # input guards of the sample shapes: kvpass checks its own
+    for n in list(gm.graph.nodes):
+        guard = n.op == "call_module" and n.target == "_guards_fn"  # sample-shape guards
+        if (guard or (n.op == "call_function" and "_assert_tensor_metadata" in str(n.target))) and not n.users:
+            gm.graph.erase_node(n)
+    gm.graph._codegen = fx.graph.CodeGen()  # flat inputs -> flat outputs
+    gm.recompile()
+    return gm
+
+
+def _sample_env(gm: fx.GraphModule, leaves: list) -> dict:
+    env: dict[fx.Node, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            env[n] = super().run_node(n)
+            return env[n]
+
+    with torch.no_grad():
+        Recorder(gm).run(*leaves)
+    return env
+
+
+def capture_call(module: nn.Module, kwargs: dict, *, run: bool = True) -> Captured:
+    """Capture ``module(**kwargs)`` (a flat keyword dict, see :func:`bind_call`)."""
+    leaves_with_paths, _ = pytree.tree_flatten_with_path(kwargs)
+    ep = _export(module, kwargs)
+    gm = _unlifted(ep)
+    paths = [pytree.keystr(p) for p, _ in leaves_with_paths]
+    leaves = [v for _, v in leaves_with_paths]
+    n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if n_in != len(leaves):
+        raise CaptureError(f"{type(module).__name__}: graph has {n_in} inputs, call has {len(leaves)}")
+    cap = Captured(gm, paths, ep.call_spec.out_spec, sample=kwargs)
+    if run:
+        cap.env = _sample_env(gm, leaves)
+    return cap
+
+
+def capture(model: nn.Module, example_inputs=None) -> Captured:
+    """Trace ``model`` into an FX graph (dynamic batch and sequence length).
+
+    ``example_inputs``: a tensor, a tuple of positional args, or a dict of keyword args;
+    default: token ids for models with an input embedding.  HF models are traced without a
+    KV cache (``use_cache=False``).
+    """
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    flat = bind_call(model, args, kwargs)
+    with torch.no_grad():
+        return capture_call(model, flat)

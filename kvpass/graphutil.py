@@ -1,0 +1,143 @@
+"""Small helpers over FX graphs: op names, data-movement ops, replaying node chains."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import fx
+
+# Ops that only move, copy, broadcast or re-type data: a value's elements are some of the input's
+# elements (maybe repeated), never mixed.  Index tracing replays them on tensors of indices.
+MOVEMENT_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "transpose", "permute", "contiguous", "clone", "expand",
+    "expand_as", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "getitem",
+    "chunk", "unbind", "to", "_to_copy", "alias", "flatten", "unflatten", "repeat_interleave",
+    "repeat", "detach", "lift_fresh_copy", "t", "narrow", "index_select", "movedim", "type_as",
+    "_assert_tensor_metadata",
+})
+
+
+def op_name(node: fx.Node) -> str:
+    """'view', 'linear', 'scaled_dot_product_attention', 'getitem', ... ('' for non-calls)."""
+    if node.op != "call_function":
+        return node.op if node.op in ("placeholder", "get_attr", "output") else ""
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return t._opname if hasattr(t, "_opname") else t.__name__.split(".")[0]
+    return getattr(t, "__name__", str(t)).split(".")[0]
+
+
+def is_movement(node: fx.Node) -> bool:
+    return op_name(node) in MOVEMENT_OPS
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The node arguments of ``node`` (flattening lists such as cat's)."""
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) or a)
+    return out
+
+
+def meta_shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def module_path(node: fx.Node) -> str:
+    """The owning module path of a node, from export's nn_module_stack ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    # export records e.g. "L['self'].model.layers[0].self_attn" or "model.layers.0.self_attn"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out, i = [], 0
+    for part in path.replace("]", "").split("["):
+        out.append(part.strip("'\""))
+    return fqn(".".join(p for p in ".".join(out).split(".") if p))
+
+
+ROOT = "kvroot"  # attribute under which capture wraps the traced module
+
+
+def fqn(name: str) -> str:
+    """A qualified name in the captured graph, relative to the captured module."""
+    if name == ROOT:
+        return ""
+    return name[len(ROOT) + 1:] if name.startswith(ROOT + ".") else name
+
+
+def common_prefix(paths: Iterable[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    pre = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        pre.append(items[0])
+    return ".".join(pre)
+
+
+def replay(nodes: list[fx.Node], env: dict[fx.Node, object], overrides: dict[fx.Node, object]) -> dict:
+    """Re-run ``nodes`` (in graph order) with some values overridden; other args come from env.
+
+    Returns the new values of the replayed nodes.  Used for index tracing: a chain of movement
+    ops replayed on a tensor of indices shows where each element of its output came from.
+    """
+    vals: dict[fx.Node, object] = dict(overrides)
+
+    def look(a):
+        return vals[a] if a in vals else env[a]
+
+    for n in nodes:
+        if n in overrides:
+            continue
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), look)
+        fn: Callable = n.target  # type: ignore[assignment]
+        if op_name(n) == "_assert_tensor_metadata":
+            vals[n] = None
+            continue
+        if op_name(n) in ("to", "_to_copy"):
+            vals[n] = args[0]  # keep index dtype exact
+            continue
+        vals[n] = fn(*args, **kwargs)
+    return vals
+
+
+def chain_between(src: fx.Node, dst: fx.Node) -> list[fx.Node]:
+    """Nodes on any path from ``src`` to ``dst`` (inclusive), in graph order."""
+    down = descendants(src) | {src}
+    up = ancestors(dst) | {dst}
+    keep = down & up
+    return [n for n in dst.graph.nodes if n in keep]
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen

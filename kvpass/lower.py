@@ -1,0 +1,190 @@
+"""Lowering: swap each attention site's owning module for a :class:`KVAttention`.
+
+The owning module's own call is captured (``torch.export`` of that module with the inputs
+it received in a sample forward), its attention core found again in that graph, and replaced
+by a :class:`KVCore` node that receives ``q``, ``k_pre`` and ``v_pre`` (keys/values before head
+repetition) and the raw mask.  Everything else of the module — projections, norms, RoPE,
+output projection, anything model-specific — runs as traced.  The KVCore owns the cache
+traffic and calls the form's attention (the reference on CPU, generated kernels on GPU).
+
+:class:`KVAttention` adopts the original module's children and parameters under the same
+names, so ``state_dict`` keys and ``save_pretrained`` are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import reference
+from .cache import ensure_layer, find_caches
+from .capture import Captured, bind_call, capture_call
+from .errors import SiteError
+from .policy import Form
+from .sites import AttentionSite, find_sites_in
+
+__all__ = ["CoreSpec", "KVCore", "KVAttention", "lower_site", "record_calls"]
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """What the attention core needs at run time (from the site)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_head_map: tuple[int, ...]
+    scale: float
+    causal: bool
+    softcap: float | None
+    mask_kind: str
+
+    @classmethod
+    def of(cls, site: AttentionSite) -> CoreSpec:
+        return cls(site.num_heads, site.num_kv_heads, site.head_dim, site.kv_head_map, site.scale,
+                   site.causal, site.softcap, site.nodes.mask_kind if site.nodes else "none")
+
+
+class KVCore(nn.Module):
+    """Cache traffic + attention for one layer, for the form ``forms``.
+
+    ``forward(q [B,H,Sq,D], k [B,Hkv,Sq,D], v [B,Hkv,Sq,D], mask)`` -> [B,H,Sq,D].
+    """
+
+    def __init__(self, spec: CoreSpec, forms: tuple[Form, ...], layer_idx: int):
+        super().__init__()
+        self.spec, self.forms, self.layer_idx = spec, forms, layer_idx
+        self._cache = None  # set by KVAttention for the duration of one call
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        s = self.spec
+        return 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def forward(self, q, k, v, mask=None):
+        if self._cache is not None:
+            k, v = ensure_layer(self._cache, self.layer_idx).update(k, v)
+        s = self.spec
+        return reference.attention(q, k, v, kv_head_map=s.kv_head_map, scale=s.scale,
+                                   causal=s.causal, softcap=s.softcap,
+                                   mask=_prepare_mask(mask, s.mask_kind, k.shape[2]))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"layer={self.layer_idx}, heads={s.num_heads}, kv_heads={s.num_kv_heads}, "
+                f"head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}")
+
+
+def _prepare_mask(mask, kind: str, k_len: int):
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return None
+    if mask.shape[-1] > k_len:
+        mask = mask[..., :k_len]
+    if kind == "bool_drop":
+        return ~mask.bool()
+    return mask
+
+
+class KVAttention(nn.Module):
+    """kvpass's replacement for an attention module: same call signature, same parameters."""
+
+    def __init__(self, original: nn.Module, gm: fx.GraphModule, cap: Captured, core: KVCore,
+                 site: AttentionSite):
+        super().__init__()
+        for k, val in vars(original).items():
+            if not k.startswith("_") and k != "training":
+                object.__setattr__(self, k, val)
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, p in original.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in original.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.kv_core = core
+        self._graph = [gm]  # not a registered child: parameters stay under their own names
+        self._forward_of = original.forward
+        self._paths = cap.input_paths
+        self._out_spec = cap.out_spec
+        self._consts = dict(zip(cap.input_paths, pytree.tree_leaves(cap.sample)))
+        self.site = site
+        self.training = original.training
+
+    def forward(self, *args, **kwargs):
+        flat = bind_call(self, args, kwargs)
+        caches = find_caches(flat)
+        flat = {k: (None if any(v is c for c in caches) else v) for k, v in flat.items()}
+        got = {pytree.keystr(p): v for p, v in pytree.tree_flatten_with_path(flat)[0]}
+        leaves = []
+        for path in self._paths:
+            sample = self._consts[path]
+            if path not in got:
+                if isinstance(sample, torch.Tensor):
+                    raise SiteError(f"{self.site.name}: call lacks input {path} it was traced with")
+                leaves.append(sample)
+            else:
+                leaves.append(got[path] if isinstance(sample, torch.Tensor) else sample)
+        self.kv_core._cache = caches[0] if caches else None
+        try:
+            out = self._graph[0](*leaves)
+        finally:
+            self.kv_core._cache = None
+        return pytree.tree_unflatten(list(out), self._out_spec)
+
+
+def record_calls(model: nn.Module, names: list[str], run) -> dict[str, dict]:
+    """Run ``run()`` once and record the flat keyword call of each named module."""
+    calls: dict[str, dict] = {}
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+
+        def hook(m, args, kwargs, name=name):
+            if name not in calls:
+                flat = bind_call(m, args, kwargs)
+                cs = find_caches(flat)
+                calls[name] = {k: (None if any(v is c for c in cs) else v) for k, v in flat.items()}
+
+        hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def lower_site(model: nn.Module, site: AttentionSite, call: dict, forms: tuple[Form, ...]) -> KVAttention:
+    """Capture the site's owning module, swap its core for a KVCore, install the result."""
+    original = model.get_submodule(site.name)
+    with torch.no_grad():
+        cap = capture_call(original, call)
+    found = find_sites_in(cap, probe_windows=False)
+    if len(found) != 1:
+        raise SiteError(f"{site.name}: expected one attention core in the module's own graph, "
+                        f"found {len(found)}")
+    local = found[0]
+    core = KVCore(CoreSpec.of(local), forms, site.layer)
+    gm = _rewrite(cap, local, core)
+    new = KVAttention(original, gm, cap, core, site)
+    parent, _, leaf = site.name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return new
+
+
+def _rewrite(cap: Captured, site: AttentionSite, core: KVCore) -> fx.GraphModule:
+    gm, n = cap.module, site.nodes
+    gm.add_submodule("kv_core", core)
+    g = gm.graph
+    with g.inserting_before(n.out):
+        new = g.call_module("kv_core", (n.q, n.k_pre, n.v_pre, n.mask))
+    new.meta = dict(n.out.meta)
+    n.out.replace_all_uses_with(new)
+    out = g.output_node()
+    out.args = fx.node.map_arg(out.args, lambda a: None if a in n.inner else a)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm

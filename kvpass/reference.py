@@ -1,0 +1,120 @@
+"""The plain-torch meaning of every kvpass attention form.
+
+One function, :func:`attention`, is the reference: rewrites, caches and generated kernels are
+all tested against it, and it is the CPU fallback.  A form is a set of *visibility rules*
+over absolute token positions plus a *head map*; everything a form changes about storage
+(fewer heads, a latent, a ring buffer) happens before keys and values reach this function.
+
+Visibility of key ``j`` for query ``i`` (all must hold)::
+
+    k_pos[j] >= 0                                   # the slot holds a token (ring buffers, padding)
+    not causal or k_pos[j] <= q_pos[i]              # causal
+    window is None or q_pos[i] - k_pos[j] < window  # sliding window (W tokens incl. itself) ...
+                   or k_pos[j] < sinks              # ... plus the first `sinks` tokens
+    block_mask is None or block_mask[q_pos[i] // block, k_pos[j] // block]
+    mask is None or mask[..., i, j]                 # a graph's own mask (bool keep, or additive)
+
+Rows with no visible key give zeros (never NaN).
+
+Example:
+    >>> import torch
+    >>> from kvpass.reference import attention
+    >>> q = torch.randn(1, 4, 5, 8); k = torch.randn(1, 2, 5, 8); v = torch.randn(1, 2, 5, 8)
+    >>> out = attention(q, k, v, kv_head_map=(0, 0, 1, 1), scale=8 ** -0.5, causal=True)
+    >>> out.shape
+    torch.Size([1, 4, 5, 8])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention", "visibility", "default_positions"]
+
+
+def default_positions(batch: int, q_len: int, k_len: int, device=None) -> tuple[Tensor, Tensor]:
+    """Bottom-right aligned positions: the last query sits at the last key. -> ([B,Sq], [B,Sk])"""
+    k_pos = torch.arange(k_len, device=device).expand(batch, k_len)
+    q_pos = torch.arange(k_len - q_len, k_len, device=device).expand(batch, q_len)
+    return q_pos, k_pos
+
+
+def visibility(
+    q_pos: Tensor,  # [B, Sq]
+    k_pos: Tensor,  # [B, Sk]
+    *,
+    causal: bool,
+    window: int | None = None,
+    sinks: int = 0,
+    block_mask: Tensor | None = None,  # [nQB, nKB] bool
+    block: int | None = None,
+) -> Tensor:
+    """Boolean [B, 1, Sq, Sk]: which keys each query may see, from positions alone."""
+    qp = q_pos[:, None, :, None]
+    kp = k_pos[:, None, None, :]
+    vis = kp >= 0
+    if causal:
+        vis = vis & (kp <= qp)
+    if window is not None:
+        vis = vis & ((qp - kp < window) | (kp < sinks))
+    if block_mask is not None:
+        assert block is not None, "block_mask needs block"
+        qb = (qp // block).clamp(0, block_mask.shape[0] - 1)
+        kb = (kp.clamp(min=0) // block).clamp(0, block_mask.shape[1] - 1)
+        vis = vis & block_mask[qb, kb]
+    return vis
+
+
+def attention(
+    q: Tensor,  # [B, H, Sq, D]
+    k: Tensor,  # [B, Hkv, Sk, D]
+    v: Tensor,  # [B, Hkv, Sk, Dv]
+    *,
+    kv_head_map: Sequence[int] | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    q_pos: Tensor | None = None,
+    k_pos: Tensor | None = None,
+    window: int | None = None,
+    sinks: int = 0,
+    softcap: float | None = None,
+    block_mask: Tensor | None = None,
+    block: int | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Attention of ``q`` over ``k``/``v`` under a form's visibility rules. -> [B, H, Sq, Dv]
+
+    ``kv_head_map[h]`` is the KV head query head ``h`` reads (default: contiguous groups).
+    ``mask`` is a graph's own mask, broadcastable to [B, H, Sq, Sk]: bool (True = keep) or
+    additive float.  Computation is in fp32; the result has ``q``'s dtype.
+    """
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if kv_head_map is None:
+        kv_head_map = [h * Hkv // H for h in range(H)]
+    idx = torch.as_tensor(list(kv_head_map), device=q.device, dtype=torch.long)
+    k = k.index_select(1, idx).float()  # [B, H, Sk, D]
+    v = v.index_select(1, idx).float()
+    scale = D**-0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if q_pos is None or k_pos is None:
+        dq, dk = default_positions(B, Sq, Sk, q.device)
+        q_pos = dq if q_pos is None else q_pos
+        k_pos = dk if k_pos is None else k_pos
+    vis = visibility(q_pos, k_pos, causal=causal, window=window, sinks=sinks,
+                     block_mask=block_mask, block=block)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            vis = vis & mask
+        else:
+            scores = scores + mask.float()
+            vis = vis & torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min)
+    scores = scores.masked_fill(~vis, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key -> zeros
+    return torch.matmul(probs, v).to(q.dtype)
