@@ -150,9 +150,7 @@ def decompress_rdb_entry(blob: bytes) -> bytes:
     body = blob[4:]
     if body[:1] in (b"Z", b"2", b"X", b"0") and not body.startswith(b"x"):
         kind, body = body[:1], body[1:]
-        return {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress}.get(
-            kind, bytes
-        )(body)
+        return {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress}.get(kind, bytes)(body)
     return zlib.decompress(body)
 
 

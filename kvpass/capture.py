@@ -63,7 +63,14 @@ def default_example_inputs(model: nn.Module) -> dict:
             "embedding to make token ids for; pass example_inputs=(tensor, ...) or a dict")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, emb.num_embeddings, (SAMPLE_BATCH, SAMPLE_SEQ), generator=g)
-    return {"input_ids": ids.to(emb.weight.device)}
+    out = {"input_ids": ids.to(emb.weight.device)}
+    if "attention_mask" in inspect.signature(model.forward).parameters:
+        # one left-padded row: models then build a real mask tensor, so every traced attention
+        # has its mask as an input (a mask-free trace could not see padding later)
+        mask = torch.ones_like(out["input_ids"])
+        mask[0, :2] = 0
+        out["attention_mask"] = mask
+    return out
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> dict:

@@ -87,11 +87,12 @@ def common_prefix(paths: Iterable[str]) -> str:
     return ".".join(pre)
 
 
-def replay(nodes: list[fx.Node], env: dict[fx.Node, object], overrides: dict[fx.Node, object]) -> dict:
+def replay(nodes: list[fx.Node], env: dict[fx.Node, object], overrides: dict[fx.Node, object],
+           keep_dtype: bool = False) -> dict:
     """Re-run ``nodes`` (in graph order) with some values overridden; other args come from env.
 
-    Returns the new values of the replayed nodes.  Used for index tracing: a chain of movement
-    ops replayed on a tensor of indices shows where each element of its output came from.
+    Returns the new values of the replayed nodes.  Used for index tracing (``keep_dtype``): a
+    chain of movement ops replayed on a tensor of indices shows where each element came from.
     """
     vals: dict[fx.Node, object] = dict(overrides)
 
@@ -106,8 +107,8 @@ def replay(nodes: list[fx.Node], env: dict[fx.Node, object], overrides: dict[fx.
         if op_name(n) == "_assert_tensor_metadata":
             vals[n] = None
             continue
-        if op_name(n) in ("to", "_to_copy"):
-            vals[n] = args[0]  # keep index dtype exact
+        if keep_dtype and op_name(n) in ("to", "_to_copy"):
+            vals[n] = args[0]  # index tracing: keep the exact index dtype
             continue
         vals[n] = fn(*args, **kwargs)
     return vals

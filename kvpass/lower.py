@@ -184,6 +184,9 @@ def _rewrite(cap: Captured, site: AttentionSite, core: KVCore) -> fx.GraphModule
     n.out.replace_all_uses_with(new)
     out = g.output_node()
     out.args = fx.node.map_arg(out.args, lambda a: None if a in n.inner else a)
+    for node in reversed(list(g.nodes)):  # the old core (DCE keeps SDPA: it may be random)
+        if node in n.inner and not node.users:
+            g.erase_node(node)
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()

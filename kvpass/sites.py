@@ -318,7 +318,7 @@ def _trace_heads(pre: fx.Node, chain: list[fx.Node], out: fx.Node, env) -> list[
     """Which head of ``pre`` each head of ``out`` reads: replay ``chain`` on head indices."""
     val = env[pre]
     idx = torch.arange(val.shape[1], dtype=torch.float64).view(1, -1, 1, 1).expand(val.shape).contiguous()
-    vals = gu.replay(chain, env, {pre: idx})
+    vals = gu.replay(chain, env, {pre: idx}, keep_dtype=True)
     res = vals.get(out, idx)
     return [int(x) for x in res[0, :, 0, 0].tolist()]
 
@@ -347,7 +347,8 @@ def _projection(pre: fx.Node, env, problems: list[str], what: str) -> tuple[Proj
         return None, proj, chain
     val = env[proj]
     ids = torch.arange(val.shape[-1], dtype=torch.float64).expand(val.shape).contiguous()
-    moved = gu.replay([n for n in gu.chain_between(proj, entry) if n is not proj], env, {proj: ids})
+    moved = gu.replay([n for n in gu.chain_between(proj, entry) if n is not proj], env, {proj: ids},
+                      keep_dtype=True)
     ev = moved[entry]
     shp = [str(x) for x in _shape(entry)]
     seq_sym = str(_shape(pre)[2])
@@ -419,7 +420,7 @@ def _output_projection(out: fx.Node, env, H: int, D: int) -> Projection | None:
         cur = u
     val = env[out]
     ids = torch.arange(H * D, dtype=torch.float64).view(1, H, 1, D).expand(val.shape).contiguous()
-    moved = gu.replay(chain, env, {out: ids})
+    moved = gu.replay(chain, env, {out: ids}, keep_dtype=True)
     flat = moved.get(cur, ids)
     cols = flat.reshape(-1, flat.shape[-1])[0]  # column j <- channel h*D+d
     channels = [0] * (H * D)
@@ -462,7 +463,7 @@ def _mask_facts(core: _Core, env, problems: list[str]) -> tuple[bool, int | None
     return causal, None
 
 
-def _probe_window(cap: Captured, core_mask: fx.Node, length: int = 1536) -> int | None:
+def _probe_window(cap: Captured, core_mask: fx.Node, kind: str, length: int = 1536) -> int | None:
     """Replay the mask's construction on ``length`` tokens; the band it keeps is the window."""
     if "['input_ids']" not in cap.input_paths:
         return None
@@ -470,18 +471,24 @@ def _probe_window(cap: Captured, core_mask: fx.Node, length: int = 1536) -> int 
     nodes = [n for n in cap.graph.nodes if n in anc]
     if any(gu.op_name(n) in PROJ_OPS for n in nodes):
         return None
-    ids_node = [n for n in cap.graph.nodes if n.op == "placeholder"][cap.input_paths.index("['input_ids']")]
-    ids = torch.zeros(1, length, dtype=torch.long)
     env = dict(cap.env)
-    phs = {n: env[n] for n in cap.graph.nodes if n.op == "placeholder"}
-    phs[ids_node] = ids
+    placeholders = [n for n in cap.graph.nodes if n.op == "placeholder"]
+    ids_node = placeholders[cap.input_paths.index("['input_ids']")]
+    phs = {n: env[n] for n in placeholders}
+    for n in placeholders:  # token-aligned inputs (ids, padding mask): a long unpadded sequence
+        if isinstance(env[n], torch.Tensor) and env[n].shape == env[ids_node].shape:
+            phs[n] = torch.ones(1, length, dtype=env[n].dtype)
+    phs[ids_node] = torch.zeros(1, length, dtype=torch.long)
     try:
         vals = gu.replay([n for n in nodes if n.op != "placeholder"], {**env, **{k: v for k, v in phs.items()}},
                          {k: v for k, v in phs.items()})
     except Exception:  # noqa: BLE001 - a mask that can't be replayed simply isn't probed
         return None
     m = vals[core_mask]
-    keep = m if m.dtype == torch.bool else (m > torch.finfo(torch.float16).min) & ~torch.isinf(m)
+    if kind == "additive":
+        keep = (m > torch.finfo(torch.float16).min) & ~torch.isinf(m)
+    else:
+        keep = m.bool() if kind == "bool_keep" else ~m.bool()
     row = keep.reshape(-1, *keep.shape[-2:])[0][-1]
     if row.shape[0] != length:
         return None
@@ -518,7 +525,7 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
     op = _output_projection(core.out, env, H, D)
     causal, window = _mask_facts(core, env, problems)
     if probe and core.mask is not None:
-        window = _probe_window(cap, core.mask)
+        window = _probe_window(cap, core.mask, core.mask_kind)
     scale = core.scale if core.scale is not None else 1 / math.sqrt(D)
     paths = [gu.module_path(n) for n in (core.out, k_node, v_node) if n is not None]
     paths += [gu.module_path(n) for n in core.inner]

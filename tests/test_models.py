@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpass import models
+from kvpass.errors import KVPassError
 from kvpass.evaluate_basic import embedding_cosine, perplexity
 from kvpass.models import ModelLoadError
 from kvpass.text import load_text, split_sentences, token_chunks
@@ -37,7 +38,7 @@ def test_bundled_names():
 def test_unknown_name_lists_bundled():
     with pytest.raises(ValueError, match="smollm2-135m") as info:
         models.load("gpt-17")
-    assert isinstance(info.value, ModelLoadError)
+    assert isinstance(info.value, ModelLoadError) and isinstance(info.value, KVPassError)
 
 
 @pytest.mark.parametrize("make", [lambda p: p, lambda p: p / "notes.txt"], ids=["dir", "file"])
@@ -72,15 +73,22 @@ def test_embedding_cosine(minilm):
     sentences = split_sentences(load_text("eval"), max_sentences=16)
     assert embedding_cosine(model, model, tokenizer, sentences, progress=False) == pytest.approx(1.0)
     noisy = copy.deepcopy(model)
+    weight = noisy.embeddings.word_embeddings.weight
     with torch.no_grad():
-        noisy.embeddings.word_embeddings.weight.add_(0.05 * torch.randn_like(noisy.embeddings.word_embeddings.weight))
+        weight.add_(0.05 * torch.randn_like(weight))
     cosine = embedding_cosine(model, noisy, tokenizer, sentences, progress=False)
     assert 0.0 < cosine < 0.999
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():
-    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()  # all logits 0: uniform over 50 tokens

@@ -96,7 +96,8 @@ def test_token_chunks_decoder_tokenizers():
 def test_split_sentences():
     sentences = split_sentences(load_text("eval"), max_sentences=50)
     assert len(sentences) == 50 and all(len(s) >= 20 for s in sentences)
-    assert split_sentences('"Yes." She left. Then what?', min_chars=1) == ['"Yes."', "She left.", "Then what?"]
+    expected = ['"Yes."', "She left.", "Then what?"]
+    assert split_sentences('"Yes." She left. Then what?', min_chars=1) == expected
 
 
 def test_strip_wiki_markup():

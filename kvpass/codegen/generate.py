@@ -42,14 +42,13 @@ import os
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 from kvpass.codegen.spec import KNOWN_EXTRA, CodegenError, KernelSpec
 
-__all__ = ["source", "load", "kernel_path", "cache_dir", "KINDS", "CODEGEN_VERSION"]
+__all__ = ["source", "load", "kernel_path", "cache_dir", "interpreting", "use_interpreter",
+           "KINDS", "CODEGEN_VERSION"]
 
 CODEGEN_VERSION = 1
 KINDS = ("prefill", "decode")
@@ -304,7 +303,8 @@ _POS_ARGS = """
 
 def _q_load(spec: KernelSpec) -> str:
     up = "if UPCAST:\n    q = q.to(tl.float32)\n" if spec.dtype == "bfloat16" else ""
-    return (f"q = tl.load(Q + b64 * sqb + h64 * sqh + qi[:, None] * sqm + offs_d[None, :] * sqd,\n"
+    return (f"q_row = b64 * sqb + h64 * sqh + qi * sqm  # [BLOCK_M] (h64 is per row in decode)\n"
+            f"q = tl.load(Q + q_row[:, None] + offs_d[None, :] * sqd,\n"
             f"            mask=row_ok[:, None]{_dmask(spec, '[None, :]')}, other=0.0)"
             "  # [BLOCK_M, BLOCK_D]\n" + up)
 
@@ -478,40 +478,53 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(tmp, path)  # atomic: concurrent writers of the same text are harmless
 
 
-@contextmanager
-def _triton_interpret(on: bool) -> Iterator[None]:
-    """Triton decides interpreter vs compiler when ``@triton.jit`` runs (module exec time),
-    from ``TRITON_INTERPRET`` -- not at ``import triton`` -- so scope the variable to it."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+def interpreting() -> bool:
+    """True when this process runs Triton kernels in the interpreter.
+
+    Triton decides at ``import triton``: its own library functions (``tl.max``, ``tl.cdiv``)
+    are decorated then, from ``TRITON_INTERPRET``, and interpreted kernels can only call
+    interpreted ones.  So the mode is per process; see :func:`use_interpreter`.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.cdiv, InterpretedFunction)
 
 
-def load(spec: KernelSpec, kind: str = "prefill", *, interpret: bool = False) -> ModuleType:
+def use_interpreter() -> None:
+    """Switch this process to the Triton interpreter; must run before triton is imported.
+
+    Raises ``CodegenError`` if triton was already imported for compiled kernels (note that
+    ``torch.export``/``torch.compile`` import triton): set ``TRITON_INTERPRET=1`` (or
+    ``KVPASS_KERNELS=interpret``) before the process imports it.
+    """
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    if not interpreting():
+        raise CodegenError("triton was imported without TRITON_INTERPRET=1, so its kernels "
+                           "cannot be interpreted in this process; set TRITON_INTERPRET=1 "
+                           "(or KVPASS_KERNELS=interpret) before triton is imported")
+
+
+def load(spec: KernelSpec, kind: str = "prefill") -> ModuleType:
     """Generate (or reuse) the source, write it to :func:`kernel_path`, import it.
 
-    ``interpret=True`` gives the Triton interpreter's kernels (CPU tensors).  Modules are
-    cached in-process by (key, kind, interpret).
+    The kernels are compiled or interpreted as this process's triton is (see
+    :func:`interpreting`).  Modules are cached in-process by (key, kind, mode).
     """
-    cache_key = (spec.key(), kind, interpret)
+    interp = interpreting()
+    cache_key = (spec.key(), kind, interp)
     with _LOCK:
         mod = _MODULES.get(cache_key)
         if mod is not None:
             return mod
         path = kernel_path(spec, kind)
         _write_if_changed(path, source(spec, kind))
-        name = f"kvpass_kernels_{spec.key()[:16]}_{kind}{'_interp' if interpret else ''}"
+        name = f"kvpass_kernels_{spec.key()[:16]}_{kind}{'_interp' if interp else ''}"
         mspec = importlib.util.spec_from_file_location(name, path)
         assert mspec is not None and mspec.loader is not None
         mod = importlib.util.module_from_spec(mspec)
         sys.modules[name] = mod  # inspect.getsource (used by triton.jit) looks modules up
-        with _triton_interpret(interpret):
-            mspec.loader.exec_module(mod)
+        mspec.loader.exec_module(mod)
         _MODULES[cache_key] = mod
         return mod

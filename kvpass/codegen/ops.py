@@ -1,0 +1,338 @@
+"""Launchers for the generated kernels, and the ``kvpass::attention`` custom op.
+
+Which implementation runs (:func:`kernel_mode`):
+
+- ``KVPASS_KERNELS=reference``: ``kvpass.reference.attention`` (plain torch, any device).
+- ``KVPASS_KERNELS=triton``: compiled Triton kernels (CUDA tensors).
+- ``KVPASS_KERNELS=interpret``: the same generated kernels under the Triton interpreter
+  (CPU tensors; slow, for tests).
+- unset: CUDA tensors -> ``triton``, anything else -> ``reference``.
+
+The op is one graph node for ``torch.export`` / ``torch.compile``: its fake implementation
+only allocates the output, and the :class:`KernelSpec` travels as a JSON string argument.
+
+Example:
+    >>> import torch
+    >>> from kvpass.codegen import KernelSpec, attention
+    >>> spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True)
+    >>> q = torch.randn(1, 4, 5, 16); k = torch.randn(1, 2, 5, 16); v = torch.randn(1, 2, 5, 16)
+    >>> attention(q, k, v, spec).shape
+    torch.Size([1, 4, 5, 16])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from kvpass import reference
+from kvpass.codegen.generate import interpreting, load, use_interpreter
+from kvpass.codegen.spec import CodegenError, KernelSpec
+
+__all__ = ["attention", "prefill", "decode", "run", "kernel_mode", "choose_kind"]
+
+_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODES = ("reference", "triton", "interpret")
+DECODE_MAX_ROWS = 64  # decode kernel when (max query heads per kv head) * Sq fits one tile
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------
+# argument normalisation
+# --------------------------------------------------------------------------------------
+@dataclass
+class _Call:
+    """Kernel-ready arguments: int32 positions (or None = default), fp32 additive mask with
+    -inf for hidden entries expanded to [B, H, Sq, Sk], int8 block table."""
+
+    q: Tensor  # [B, H, Sq, D]
+    k: Tensor  # [B, Hkv, Sk, D]
+    v: Tensor  # [B, Hkv, Sk, Dv]
+    q_pos: Tensor | None  # [B, Sq] int32
+    k_pos: Tensor | None  # [B, Sk] int32
+    mask: Tensor | None  # [B, H, Sq, Sk] fp32 (broadcast strides allowed)
+    btab: Tensor | None  # [nQB, nKB] int8
+
+    @property
+    def contig(self) -> bool:
+        return self.q_pos is None
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec) -> None:
+    want = _TORCH_DTYPE[spec.dtype]
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise CodegenError(f"q, k, v must be 4-d, got {q.dim()}, {k.dim()}, {v.dim()}")
+    B, H, _, D = q.shape
+    if (H, D) != (spec.num_heads, spec.head_dim):
+        raise CodegenError(f"q is {tuple(q.shape)}, spec wants H={spec.num_heads}, D={spec.head_dim}")
+    kv_want = (B, spec.num_kv_heads, k.shape[2])
+    if tuple(k.shape) != (*kv_want, spec.head_dim) or tuple(v.shape) != (*kv_want, spec.head_dim_v):
+        raise CodegenError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)} "
+                           f"and Hkv={spec.num_kv_heads}, Dv={spec.head_dim_v}")
+    if not (q.dtype == k.dtype == v.dtype == want):
+        raise CodegenError(f"dtypes q={q.dtype} k={k.dtype} v={v.dtype}, spec wants {want}")
+
+
+def _int_positions(pos: Tensor, batch: int, length: int) -> Tensor:
+    p = pos.to(torch.int32)
+    return (p[None] if p.dim() == 1 else p).expand(batch, length)
+
+
+def _additive_mask(mask: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """Bool (True = keep) or additive mask -> fp32 additive, -inf where hidden (as reference)."""
+    if mask.dtype == torch.bool:
+        keep = mask
+        add = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    else:
+        keep = torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min)
+        add = mask.float()
+    add = add.masked_fill(~keep, float("-inf"))
+    while add.dim() < 4:
+        add = add[None]
+    return add.expand(shape)
+
+
+def _normalise(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None,
+               k_pos: Tensor | None, mask: Tensor | None, block_mask: Tensor | None) -> _Call:
+    _check_shapes(q, k, v, spec)
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if (mask is not None) != spec.has_mask:
+        raise CodegenError(f"spec.has_mask={spec.has_mask} but mask is {'not ' * (mask is None)}given")
+    if (block_mask is not None) != spec.has_block_mask:
+        raise CodegenError(f"spec.has_block_mask={spec.has_block_mask} but block_mask is "
+                           f"{'not ' * (block_mask is None)}given")
+    if q_pos is not None or k_pos is not None:  # explicit positions: fill the missing one
+        dq, dk = reference.default_positions(B, Sq, Sk, q.device)
+        q_pos = _int_positions(dq if q_pos is None else q_pos, B, Sq)
+        k_pos = _int_positions(dk if k_pos is None else k_pos, B, Sk)
+    return _Call(
+        q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos,
+        mask=None if mask is None else _additive_mask(mask, (B, H, Sq, Sk)),
+        btab=None if block_mask is None else block_mask.to(torch.int8).contiguous(),
+    )
+
+
+def _pos_args(c: _Call) -> tuple[list, list[int]]:
+    """(tensor args, strides) for positions, graph mask and block table; dummies when unused."""
+    dummy = c.q
+    qp, kp = (c.q_pos, c.k_pos) if not c.contig else (dummy, dummy)
+    qps = [c.q_pos.stride(0), c.q_pos.stride(1)] if not c.contig else [0, 0]
+    kps = [c.k_pos.stride(0), c.k_pos.stride(1)] if not c.contig else [0, 0]
+    ms = list(c.mask.stride()) if c.mask is not None else [0, 0, 0, 0]
+    tensors = [qp, kp, dummy if c.mask is None else c.mask, dummy if c.btab is None else c.btab]
+    return tensors, [*c.q.stride(), *c.k.stride(), *c.v.stride(), *qps, *kps, *ms]
+
+
+def _table_sizes(c: _Call) -> list[int]:
+    return [1, 1] if c.btab is None else [c.btab.shape[0], c.btab.shape[1]]
+
+
+@lru_cache(maxsize=256)
+def _head_tables(spec: KernelSpec, device: torch.device) -> tuple[Tensor, Tensor]:
+    """int32 ``kv_head_map`` [H] and query heads per kv head [Hkv, GMAX] (-1 padded)."""
+    hmap = torch.tensor(spec.kv_head_map, dtype=torch.int32, device=device)
+    groups = [list(g) + [-1] * (spec.max_group - len(g)) for g in spec.head_groups]
+    return hmap, torch.tensor(groups, dtype=torch.int32, device=device)
+
+
+@lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+def _mode(q: Tensor, interpret: bool | None) -> bool:
+    """Resolve ``interpret`` (default: not CUDA) against how this process imported triton."""
+    interpret = q.device.type != "cuda" if interpret is None else interpret
+    if interpret:
+        use_interpreter()
+    elif interpreting():
+        raise CodegenError("compiled kernels requested, but triton runs in the interpreter in "
+                           "this process (TRITON_INTERPRET=1)")
+    return interpret
+
+
+def _prefill_config(spec: KernelSpec, sq: int, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill."""
+    bm_cap, bn, warps, stages = 128, 64, 4, 3
+    d = max(_pow2(spec.head_dim), _pow2(spec.head_dim_v))
+    if interpret:
+        bm_cap, bn, warps, stages = 64, 32, 4, 1
+    elif spec.dtype == "float32" or d > 128:
+        bm_cap, bn, warps, stages = 64, 32, 4, 2
+    elif d == 128:
+        warps = 8
+    return min(bm_cap, max(16, _pow2(sq))), bn, warps, stages
+
+
+def prefill(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
+            k_pos: Tensor | None = None, mask: Tensor | None = None,
+            block_mask: Tensor | None = None, *, interpret: bool | None = None) -> Tensor:
+    """Run the generated flash-attention forward kernel. -> [B, H, Sq, Dv]
+
+    ``interpret`` defaults to ``q.device.type != "cuda"``.  ``q_pos``/``k_pos`` None means
+    default positions (loop bounds skip invisible tiles; no position loads).
+    """
+    interpret = _mode(q, interpret)
+    c = _normalise(q, k, v, spec, q_pos, k_pos, mask, block_mask)
+    B, H, Sq, _ = q.shape
+    out = q.new_empty(B, H, Sq, spec.head_dim_v)
+    if out.numel() == 0 or k.shape[2] == 0:
+        return out.zero_()
+    bm, bn, warps, stages = _prefill_config(spec, Sq, interpret)
+    hmap, _ = _head_tables(spec, q.device)
+    tensors, strides = _pos_args(c)
+    kernel = load(spec, "prefill").attn_prefill
+    kernel[(_cdiv(Sq, bm), B * H)](
+        q, k, v, out, *tensors, hmap, *strides, *out.stride(), Sq, k.shape[2], *_table_sizes(c),
+        POS_CONTIG=c.contig, UPCAST=interpret and spec.dtype == "bfloat16",
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def _decode_config(spec: KernelSpec, sq: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for decode: rows = query heads per kv head x queries."""
+    bn = 32 if interpret or max(spec.head_dim, spec.head_dim_v) > 128 else 64
+    return max(16, _pow2(spec.max_group * sq)), bn
+
+
+def _num_splits(c: _Call, n_tiles: int, interpret: bool, num_splits: int | None) -> tuple[int, int]:
+    """(splits, tiles per split): about two programs per SM on GPUs."""
+    B, Hkv = c.k.shape[0], c.k.shape[1]
+    if num_splits is None:
+        num_splits = 4 if interpret else _cdiv(2 * _sm_count(c.q.device), B * Hkv)
+    tps = _cdiv(n_tiles, max(1, min(num_splits, n_tiles)))
+    return _cdiv(n_tiles, tps), tps
+
+
+def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
+           k_pos: Tensor | None = None, mask: Tensor | None = None,
+           block_mask: Tensor | None = None, *, interpret: bool | None = None,
+           num_splits: int | None = None) -> Tensor:
+    """Run the generated split-K decode kernels (small Sq). -> [B, H, Sq, Dv]
+
+    Each split reduces ``tiles per split`` KV tiles for all query heads of one kv head; a
+    second kernel combines the splits.  ``num_splits`` overrides the heuristic.
+    """
+    interpret = _mode(q, interpret)
+    c = _normalise(q, k, v, spec, q_pos, k_pos, mask, block_mask)
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    out = q.new_empty(B, H, Sq, spec.head_dim_v)
+    if out.numel() == 0 or Sk == 0:
+        return out.zero_()
+    bm, bn = _decode_config(spec, Sq, interpret)
+    nsplit, tps = _num_splits(c, _cdiv(Sk, bn), interpret, num_splits)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    mp = torch.empty(B, H, Sq, nsplit, **f32)
+    lp = torch.empty(B, H, Sq, nsplit, **f32)
+    accp = torch.empty(B, H, Sq, nsplit, _pow2(spec.head_dim_v), **f32)
+    _, groups = _head_tables(spec, q.device)
+    tensors, strides = _pos_args(c)
+    mod = load(spec, "decode")
+    mod.attn_decode_split[(nsplit, spec.num_kv_heads, B)](
+        q, k, v, *tensors, groups, mp, lp, accp, *strides, Sq, Sk, *_table_sizes(c), tps, nsplit,
+        POS_CONTIG=c.contig, UPCAST=interpret and spec.dtype == "bfloat16",
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2,
+    )
+    mod.attn_decode_reduce[(B * H * Sq,)](
+        mp, lp, accp, out, *out.stride(), Sq, nsplit, BLOCK_S=max(2, _pow2(nsplit)), num_warps=4,
+    )
+    return out
+
+
+def choose_kind(spec: KernelSpec, sq: int) -> str:
+    """"decode" when all query rows of one kv head fit one tile, else "prefill"."""
+    return "decode" if spec.max_group * sq <= DECODE_MAX_ROWS else "prefill"
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
+        k_pos: Tensor | None = None, mask: Tensor | None = None,
+        block_mask: Tensor | None = None, *, interpret: bool | None = None) -> Tensor:
+    """Generated kernels, kind by :func:`choose_kind` (no custom op, no dispatch)."""
+    fn = decode if choose_kind(spec, q.shape[2]) == "decode" else prefill
+    return fn(q, k, v, spec, q_pos, k_pos, mask, block_mask, interpret=interpret)
+
+
+# --------------------------------------------------------------------------------------
+# dispatch + custom op
+# --------------------------------------------------------------------------------------
+def kernel_mode(device: torch.device) -> str:
+    """``$KVPASS_KERNELS`` if set (reference | triton | interpret), else by device."""
+    mode = os.environ.get("KVPASS_KERNELS", "").strip().lower()
+    if mode and mode not in MODES:
+        raise CodegenError(f"KVPASS_KERNELS={mode!r} not in {MODES}")
+    return mode or ("triton" if device.type == "cuda" else "reference")
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None,
+               k_pos: Tensor | None, mask: Tensor | None, block_mask: Tensor | None) -> Tensor:
+    return reference.attention(
+        q, k, v, kv_head_map=spec.kv_head_map, scale=spec.scale, causal=spec.causal,
+        q_pos=q_pos, k_pos=k_pos, window=spec.window, sinks=spec.sinks, softcap=spec.softcap,
+        block_mask=None if block_mask is None else block_mask.bool(), block=spec.block,
+        mask=mask,
+    )
+
+
+@lru_cache(maxsize=1024)
+def _spec(spec_json: str) -> KernelSpec:
+    return KernelSpec.from_json(spec_json)
+
+
+_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? q_pos, Tensor? k_pos, Tensor? mask, "
+           "Tensor? block_mask, str spec_json) -> Tensor")
+
+
+@torch.library.custom_op("kvpass::attention", mutates_args=(), schema=_SCHEMA)
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor | None, k_pos: Tensor | None,
+                  mask: Tensor | None, block_mask: Tensor | None, spec_json: str) -> Tensor:
+    spec = _spec(spec_json)
+    mode = kernel_mode(q.device)
+    if mode == "reference":
+        return _reference(q, k, v, spec, q_pos, k_pos, mask, block_mask)
+    if mode == "triton" and q.device.type != "cuda":
+        raise CodegenError("KVPASS_KERNELS=triton needs CUDA tensors (use 'interpret' on CPU)")
+    return run(q, k, v, spec, q_pos, k_pos, mask, block_mask, interpret=mode == "interpret")
+
+
+@_attention_op.register_fake
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor | None, k_pos: Tensor | None,
+                    mask: Tensor | None, block_mask: Tensor | None, spec_json: str) -> Tensor:
+    spec = _spec(spec_json)
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], spec.head_dim_v)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
+              k_pos: Tensor | None = None, mask: Tensor | None = None,
+              block_mask: Tensor | None = None) -> Tensor:
+    """Attention of a kvpass form as one ``kvpass::attention`` op. -> [B, H, Sq, Dv]
+
+    Args:
+        q: [B, H, Sq, D]; k: [B, Hkv, Sk, D]; v: [B, Hkv, Sk, Dv], all of ``spec.dtype``.
+        spec: the kernel spec (head map, scale, visibility rules).
+        q_pos, k_pos: int positions [B, Sq] / [B, Sk] (``k_pos < 0`` = empty slot); None =
+            default bottom-right aligned positions (``reference.default_positions``).
+        mask: graph mask broadcastable to [B, H, Sq, Sk], bool keep or additive (needs
+            ``spec.has_mask``).
+        block_mask: [nQB, nKB] bool/int table indexed by ``pos // spec.block`` (needs
+            ``spec.has_block_mask``).
+
+    The implementation is chosen by :func:`kernel_mode`; all equal ``kvpass.reference``.
+    """
+    return torch.ops.kvpass.attention(q, k, v, q_pos, k_pos, mask, block_mask, spec.to_json())

@@ -1,0 +1,153 @@
+"""Tiny random-init models of many families, for tests (no downloads: configs only)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers as tf
+from torch import nn
+from torch.nn import functional as F
+
+VOCAB = 97
+
+
+def _common(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                pad_token_id=0)
+    base.update(kw)
+    return base
+
+
+def llama(**kw):
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**_common(**kw)))
+
+
+def mistral(**kw):
+    return tf.MistralForCausalLM(tf.MistralConfig(**_common(sliding_window=6, **kw)))
+
+
+def qwen2(**kw):
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_common(**kw)))
+
+
+def qwen3(**kw):
+    return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_common(head_dim=16, **kw)))
+
+
+def gemma3(**kw):
+    cfg = tf.Gemma3TextConfig(**_common(num_key_value_heads=1, head_dim=16, sliding_window=5,
+                                        num_hidden_layers=3,
+                                        layer_types=["sliding_attention", "sliding_attention",
+                                                     "full_attention"], **kw))
+    return tf.Gemma3ForCausalLM(cfg)
+
+
+def phi3(**kw):
+    return tf.Phi3ForCausalLM(tf.Phi3Config(**_common(**kw)))
+
+
+def gpt2(**kw):
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, **kw)
+    return tf.GPT2LMHeadModel(cfg)
+
+
+def gpt_neox(**kw):
+    cfg = tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=512,
+                           pad_token_id=0, **kw)
+    return tf.GPTNeoXForCausalLM(cfg)
+
+
+def bert(**kw):
+    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=512, **kw)
+    return tf.BertModel(cfg, add_pooling_layer=False)
+
+
+# ------------------------------------------------------------- a hand-written gpt-fast-style model
+def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    # x [B, S, H, D]; interleaved pairs as complex numbers, freqs [S, D/2] complex
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    out = torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_kv: int, fused: bool):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = n_head, n_kv, dim // n_head
+        self.fused = fused
+        if fused:
+            self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv) * self.hd, bias=False)
+        else:
+            self.wq = nn.Linear(dim, n_head * self.hd, bias=False)
+            self.wk = nn.Linear(dim, n_kv * self.hd, bias=False)
+            self.wv = nn.Linear(dim, n_kv * self.hd, bias=False)
+        self.wo = nn.Linear(n_head * self.hd, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        if self.fused:
+            kv = self.n_kv * self.hd
+            q, k, v = self.wqkv(x).split([self.n_head * self.hd, kv, kv], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = _rope(q.view(B, S, self.n_head, self.hd), freqs).transpose(1, 2)  # [B, H, S, D]
+        k = _rope(k.view(B, S, self.n_kv, self.hd), freqs).transpose(1, 2)
+        v = v.view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        y = F.softmax(scores, dim=-1) @ v  # [B, H, S, D]
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_head, n_kv, fused):
+        super().__init__()
+        self.attention = Attention(dim, n_head, n_kv, fused)
+        self.norm = nn.RMSNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, freqs):
+        x = x + self.attention(self.norm(x), freqs)
+        return x + self.ff(x)
+
+
+class HandWritten(nn.Module):
+    """gpt-fast style: attributes wq/wk/wv/wo (or wqkv), manual softmax(q @ kᵀ * s) @ v."""
+
+    def __init__(self, dim=64, n_head=4, n_kv=2, layers=2, fused=False, vocab=VOCAB):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim, n_head, n_kv, fused) for _ in range(layers))
+        self.out = nn.Linear(dim, vocab, bias=False)
+        hd = dim // n_head
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.outer(torch.arange(512).float(), inv)
+        self.register_buffer("freqs", torch.polar(torch.ones_like(ang), ang), persistent=False)
+
+    def get_input_embeddings(self):
+        return self.tok
+
+    def forward(self, input_ids):
+        x = self.tok(input_ids)
+        freqs = self.freqs[: input_ids.shape[1]]
+        for b in self.blocks:
+            x = b(x, freqs)
+        return self.out(x)
+
+
+HF_CAUSAL = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma3": gemma3,
+             "phi3": phi3, "gpt2": gpt2, "gpt_neox": gpt_neox}
+ALL = {**HF_CAUSAL, "bert": bert,
+       "handwritten": lambda: HandWritten(), "handwritten_fused": lambda: HandWritten(fused=True)}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ALL[name]().eval()

@@ -1,0 +1,351 @@
+"""Generated Triton kernels equal ``kvpass.reference.attention``.
+
+Without a GPU the kernels run in the Triton interpreter on CPU.  Triton fixes interpreter vs
+compiler when it is imported, so this module sets ``TRITON_INTERPRET=1`` before anything
+imports triton (``torch.export`` does).  With CUDA the same tests run the compiled kernels.
+
+Tolerances (outputs compared with ``torch.testing.assert_close``), per storage dtype:
+
+- float32: atol=rtol=2e-5.  Same fp32 math as the reference (``tl.dot`` in "ieee" precision,
+  no tf32); only summation order and exp2-with-folded-log2(e) differ (observed <= 1e-6).
+- float16: atol=rtol=4e-3.  P is rounded to fp16 (2^-11 relative) before the P@V product,
+  as in every flash-attention kernel, and the output is rounded to fp16 (2 ulps ~ 2e-3).
+- bfloat16: atol=rtol=2^-6.  Same, with bf16's 8-bit significand: P rounding gives ~2^-9
+  relative per weight, the output rounding 1 ulp = 2^-8..2^-7 relative, so two rounding
+  events of slack at |out| ~ 1..4 (observed: max |diff| = 1 output ulp).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:  # must precede any import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kvpass import reference  # noqa: E402
+from kvpass.codegen import (  # noqa: E402
+    CodegenError,
+    KernelSpec,
+    attention,
+    decode,
+    kernel_path,
+    load,
+    prefill,
+    source,
+)
+from kvpass.codegen.generate import interpreting  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 2**-6}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FAST = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+
+if not ON_GPU and not interpreting():  # another module imported triton for compilation
+    pytest.skip("triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def ref(q, k, v, spec, q_pos=None, k_pos=None, mask=None, block_mask=None):
+    """The reference with a spec's fields."""
+    return reference.attention(
+        q, k, v, kv_head_map=spec.kv_head_map, scale=spec.scale, causal=spec.causal,
+        q_pos=q_pos, k_pos=k_pos, window=spec.window, sinks=spec.sinks, softcap=spec.softcap,
+        block_mask=block_mask, block=spec.block, mask=mask)
+
+
+def check(out, want, dtype: str) -> None:
+    assert torch.isfinite(out.float()).all(), "kernel produced NaN/inf"
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def qkv(spec: KernelSpec, B: int, Sq: int, Sk: int, gen: torch.Generator, bshd: bool = False):
+    """Random q, k, v of the spec's shapes; ``bshd`` gives non-contiguous [B,S,H,D] views."""
+    def rand(h, s, d):
+        shape = (B, s, h, d) if bshd else (B, h, s, d)
+        t = torch.randn(shape, generator=gen).to(DTYPES[spec.dtype]).to(DEVICE)
+        return t.transpose(1, 2) if bshd else t
+    return (rand(spec.num_heads, Sq, spec.head_dim), rand(spec.num_kv_heads, Sk, spec.head_dim),
+            rand(spec.num_kv_heads, Sk, spec.head_dim_v))
+
+
+@st.composite
+def head_maps(draw) -> tuple[int, int, tuple[int, ...]]:
+    """(H, Hkv, map): group sizes 1..8; contiguous, shuffled or arbitrary maps."""
+    hkv = draw(st.integers(1, 2))
+    group = draw(st.integers(1, 8))
+    H = hkv * group
+    kind = draw(st.sampled_from(["contiguous", "shuffled", "arbitrary"]))
+    hmap = [h // group for h in range(H)]
+    if kind == "shuffled":
+        hmap = draw(st.permutations(hmap))
+    elif kind == "arbitrary":
+        hmap = draw(st.lists(st.integers(0, hkv - 1), min_size=H, max_size=H))
+    return H, hkv, tuple(hmap)
+
+
+@st.composite
+def specs(draw, sk: int, dtypes=tuple(DTYPES), dims=(16, 32, 64, 80, 128, 256)) -> KernelSpec:
+    """Random spec for key length ``sk``: windows below and above it, 0..4 sinks, ..."""
+    H, hkv, hmap = draw(head_maps())
+    window = draw(st.one_of(st.none(), st.integers(1, sk + 8)))
+    has_table = draw(st.booleans())
+    return KernelSpec(
+        num_heads=H, num_kv_heads=hkv, kv_head_map=hmap, head_dim=draw(st.sampled_from(dims)),
+        causal=draw(st.booleans()), window=window,
+        sinks=draw(st.integers(0, 4)) if window else 0,
+        softcap=draw(st.one_of(st.none(), st.floats(0.5, 50.0))),
+        block=draw(st.sampled_from([8, 16, 32, 64])) if has_table else None,
+        has_block_mask=has_table, has_mask=draw(st.booleans()),
+        dtype=draw(st.sampled_from(dtypes)),
+    )
+
+
+def extras(draw, spec: KernelSpec, B: int, Sq: int, Sk: int, gen: torch.Generator):
+    """(mask, block_mask) the spec asks for: bool or additive mask, random block table."""
+    mask = block_mask = None
+    if spec.has_mask:
+        heads = draw(st.sampled_from([1, spec.num_heads]))
+        keep = torch.rand(B, heads, Sq, Sk, generator=gen) > 0.2
+        if draw(st.booleans()):
+            mask = keep
+        else:  # additive: finite biases, -inf where hidden
+            mask = torch.randn(B, heads, Sq, Sk, generator=gen).masked_fill(~keep, float("-inf"))
+        mask = mask.to(DEVICE)
+    if spec.has_block_mask:
+        n = -(-max(Sk, Sq) // spec.block)
+        nq, nk = draw(st.integers(1, n + 1)), draw(st.integers(1, n + 1))
+        block_mask = (torch.rand(nq, nk, generator=gen) > 0.4).to(DEVICE)
+    return mask, block_mask
+
+
+def scrambled_positions(B: int, Sq: int, Sk: int, gen: torch.Generator):
+    """Ring-buffer-like cache: slots hold a permutation of recent positions, some empty (-1);
+    queries sit after the newest key or anywhere (rows with nothing visible included)."""
+    start = int(torch.randint(0, 50, (1,), generator=gen))
+    k_pos = torch.stack([torch.randperm(Sk, generator=gen) + start for _ in range(B)])
+    k_pos[torch.rand(B, Sk, generator=gen) < 0.15] = -1
+    q_pos = torch.randint(-2, start + Sk + 3, (B, Sq), generator=gen)
+    return q_pos.to(DEVICE), k_pos.to(DEVICE)
+
+
+# --------------------------------------------------------------------------------------
+# kernels == reference
+# --------------------------------------------------------------------------------------
+@FAST
+@given(data=st.data(), sk=st.sampled_from([1, 7, 31, 33, 70]), seed=st.integers(0, 2**16))
+def test_prefill_matches_reference(data, sk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    spec = data.draw(specs(sk))
+    sq = data.draw(st.sampled_from(sorted({1, max(1, sk // 2), sk, sk + 3})))
+    q, k, v = qkv(spec, 1, sq, sk, gen, bshd=data.draw(st.booleans()))
+    pos = data.draw(st.sampled_from(["default", "offset", "scrambled"]))
+    q_pos = k_pos = None
+    if pos == "offset":  # explicit but contiguous, shifted
+        k_pos = torch.arange(sk, device=DEVICE)[None] + 5
+        q_pos = torch.arange(sk - sq, sk, device=DEVICE)[None] + 5
+    elif pos == "scrambled":
+        q_pos, k_pos = scrambled_positions(1, sq, sk, gen)
+    mask, block_mask = extras(data.draw, spec, 1, sq, sk, gen)
+    out = prefill(q, k, v, spec, q_pos, k_pos, mask, block_mask)
+    check(out, ref(q, k, v, spec, q_pos, k_pos, mask, block_mask), spec.dtype)
+
+
+@FAST
+@given(data=st.data(), sk=st.sampled_from([1, 7, 40, 100]), seed=st.integers(0, 2**16))
+def test_decode_matches_reference(data, sk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    spec = data.draw(specs(sk))
+    sq = data.draw(st.integers(1, 3))
+    B = data.draw(st.integers(1, 2))
+    q, k, v = qkv(spec, B, sq, sk, gen)
+    q_pos = k_pos = None
+    if data.draw(st.booleans()):
+        q_pos, k_pos = scrambled_positions(B, sq, sk, gen)
+    mask, block_mask = extras(data.draw, spec, B, sq, sk, gen)
+    splits = data.draw(st.integers(1, 5))
+    out = decode(q, k, v, spec, q_pos, k_pos, mask, block_mask, num_splits=splits)
+    check(out, ref(q, k, v, spec, q_pos, k_pos, mask, block_mask), spec.dtype)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_rows_with_nothing_visible_are_zero(kind):
+    """Causal queries before every key, a mask hiding a whole row, an all-zero block table."""
+    gen = torch.Generator().manual_seed(0)
+    spec = KernelSpec(num_heads=2, num_kv_heads=1, head_dim=16, causal=True, block=8,
+                      has_block_mask=True, has_mask=True)
+    sq, sk = 3, 20
+    q, k, v = qkv(spec, 1, sq, sk, gen)
+    q_pos = torch.tensor([[2, 30, 31]], device=DEVICE)  # row 0 sees nothing (keys 10..29)
+    k_pos = torch.arange(10, 30, device=DEVICE)[None]
+    mask = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=DEVICE)
+    mask[..., 1, :] = False  # row 1 hidden by the graph mask
+    table = torch.ones(8, 8, dtype=torch.bool, device=DEVICE)
+    table[3] = False  # row 2 (position 31 -> block 3) hidden by the block table
+    fn = prefill if kind == "prefill" else decode
+    out = fn(q, k, v, spec, q_pos, k_pos, mask, table)
+    assert torch.isfinite(out).all()
+    assert (out == 0).all()
+    check(out, ref(q, k, v, spec, q_pos, k_pos, mask, table), spec.dtype)
+
+
+def test_decode_ring_buffer_window_sinks():
+    """A full ring buffer of W + S slots after wrap-around: positions rotated in place."""
+    gen = torch.Generator().manual_seed(1)
+    spec = KernelSpec(num_heads=6, num_kv_heads=2, head_dim=64, causal=True, window=24,
+                      sinks=4, dtype="bfloat16")
+    slots, newest = 28, 100
+    ring = torch.arange(newest - 23, newest + 1)  # the window, stored rotated
+    k_pos = torch.cat([torch.arange(4), ring.roll(7)])[None].to(DEVICE)
+    q_pos = torch.tensor([[newest]], device=DEVICE)
+    q, k, v = qkv(spec, 1, 1, slots, gen)
+    out = decode(q, k, v, spec, q_pos, k_pos, num_splits=3)
+    check(out, ref(q, k, v, spec, q_pos, k_pos), spec.dtype)
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_awkward_lengths_slow(data, seed):
+    """232 keys (not a block multiple), up to D=256, prefill and decode."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = data.draw(specs(232, dims=(80, 128, 256)))
+    q, k, v = qkv(spec, 1, 232, 232, gen)
+    mask, block_mask = extras(data.draw, spec, 1, 232, 232, gen)
+    check(prefill(q, k, v, spec, mask=mask, block_mask=block_mask),
+          ref(q, k, v, spec, mask=mask, block_mask=block_mask), spec.dtype)
+    qd = q[:, :, -2:]
+    md = None if mask is None else mask[..., -2:, :]
+    check(decode(qd, k, v, spec, mask=md, block_mask=block_mask),
+          ref(qd, k, v, spec, mask=md, block_mask=block_mask), spec.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# the custom op
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["reference", "interpret"])
+def test_op_dispatch(monkeypatch, mode):
+    if ON_GPU and mode == "interpret":
+        pytest.skip("compiled triton in this process")
+    monkeypatch.setenv("KVPASS_KERNELS", mode)
+    gen = torch.Generator().manual_seed(2)
+    spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=32, kv_head_map=(1, 0, 0, 1),
+                      causal=True, window=6, sinks=1)
+    for sq in (9, 1):  # prefill and decode kinds
+        q, k, v = qkv(spec, 1, sq, 9, gen)
+        check(attention(q, k, v, spec), ref(q, k, v, spec), spec.dtype)
+
+
+def test_op_rejects_bad_inputs():
+    spec = KernelSpec(num_heads=2, num_kv_heads=1, head_dim=16)
+    q, k, v = qkv(spec, 1, 3, 3, torch.Generator().manual_seed(0))
+    with pytest.raises(CodegenError, match="dtypes"):
+        prefill(q.half(), k, v, spec)
+    with pytest.raises(CodegenError, match="has_mask"):
+        prefill(q, k, v, spec, mask=torch.ones(1, 1, 3, 3, dtype=torch.bool))
+
+
+def test_export_sees_one_node(monkeypatch):
+    monkeypatch.setenv("KVPASS_KERNELS", "reference")
+    spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True, has_mask=True)
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return attention(q, k, v, spec, mask=mask) * 2
+
+    q, k, v = qkv(spec, 1, 5, 5, torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 5, 5)
+    ep = torch.export.export(Attn(), (q.cpu(), k.cpu(), v.cpu(), mask))
+    nodes = [n for n in ep.graph.nodes if n.target is torch.ops.kvpass.attention.default]
+    assert len(nodes) == 1
+    assert KernelSpec.from_json(nodes[0].args[-1]) == spec
+    torch.testing.assert_close(ep.module()(q.cpu(), k.cpu(), v.cpu(), mask),
+                               2 * ref(q.cpu(), k.cpu(), v.cpu(), spec, mask=mask))
+
+
+# --------------------------------------------------------------------------------------
+# spec, source text, caching
+# --------------------------------------------------------------------------------------
+def test_spec_json_and_key():
+    spec = KernelSpec(num_heads=9, num_kv_heads=3, head_dim=64, causal=True, window=512, sinks=4)
+    assert spec.kv_head_map == (0, 0, 0, 1, 1, 1, 2, 2, 2) and spec.scale == 0.125
+    assert KernelSpec.from_json(spec.to_json()) == spec
+    assert spec.key() == KernelSpec.from_json(spec.to_json()).key()
+    assert spec.key() != spec.replace(sinks=3).key()
+    assert spec.replace(kv_head_map=(2, 1, 0) * 3).group_size is None
+    assert spec.head_groups == ((0, 1, 2), (3, 4, 5), (6, 7, 8))
+    hash(spec)  # usable as a dict key
+
+
+@pytest.mark.parametrize("bad", [
+    dict(head_dim=8), dict(head_dim=300), dict(kv_head_map=(0, 5)), dict(window=0),
+    dict(sinks=-1), dict(softcap=0.0), dict(has_block_mask=True), dict(dtype="int8"),
+])
+def test_spec_validation(bad):
+    fields = dict(num_heads=2, num_kv_heads=1, head_dim=16) | bad
+    with pytest.raises(CodegenError):
+        KernelSpec(**fields)
+
+
+def test_unknown_extra_is_refused():
+    spec = KernelSpec(num_heads=2, num_kv_heads=1, head_dim=16, extra={"latent_rank": 8})
+    with pytest.raises(CodegenError, match="latent_rank"):
+        source(spec)
+
+
+def test_source_is_specialised():
+    plain = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=64)
+    text = source(plain)
+    assert source(plain) == text and source(KernelSpec.from_json(plain.to_json())) == text
+    assert source(plain.replace(causal=True)) != text
+    for absent in ("WINDOW", "SINKS", "_tanh", "BTAB + qb", "m_row", "HMAP + h", "offs_d[None, :] < D"):
+        assert absent not in text, absent
+    rich = plain.replace(kv_head_map=(1, 0, 0, 1), head_dim=80, window=8, sinks=2, softcap=9.0,
+                         block=16, has_block_mask=True, has_mask=True)
+    text = source(rich)
+    for present in ("WINDOW", "SINKS", "_tanh", "BTAB + qb", "m_row", "HMAP + h", "offs_d[None, :] < D"):
+        assert present in text, present
+    assert "HGROUPS" in source(rich, "decode")
+
+
+def test_source_cached_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVPASS_CACHE", str(tmp_path))
+    spec = KernelSpec(num_heads=2, num_kv_heads=1, head_dim=32, sinks=0, window=3,
+                      extra={})
+    path = kernel_path(spec, "decode")
+    assert path == tmp_path / "kernels" / f"{spec.key()}_decode.py"
+    mod = load(spec, "decode")
+    assert path.read_text() == source(spec, "decode")
+    assert load(spec, "decode") is mod  # in-process cache
+    assert hasattr(mod, "attn_decode_split") and hasattr(mod, "attn_decode_reduce")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="the GPU run compiles for real")
+def test_compiles_for_sm90(tmp_path):
+    """The same source compiles for Hopper with triton's own ptxas (no GPU needed); runs in a
+    fresh process because this one imported triton for the interpreter."""
+    code = textwrap.dedent("""
+        from kvpass.codegen import KernelSpec
+        from kvpass.codegen.aot import compile_for
+        spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=80, kv_head_map=(1, 0, 1, 0),
+                          causal=True, window=16, sinks=2, softcap=30.0, block=64,
+                          has_block_mask=True, has_mask=True, dtype="bfloat16")
+        print(compile_for(spec, "prefill", pos_contig=True, block_m=128))
+        print(compile_for(spec, "decode", pos_contig=False, block_m=16))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["KVPASS_CACHE"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "attn_prefill" in res.stdout and "attn_decode_reduce" in res.stdout
