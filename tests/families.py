@@ -33,7 +33,8 @@ def qwen2(**kw):
 
 
 def qwen3(**kw):
-    return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_common(head_dim=16, **kw)))
+    kw.setdefault("head_dim", 16)
+    return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_common(**kw)))
 
 
 def gemma3(**kw):

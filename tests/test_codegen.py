@@ -46,7 +46,7 @@ from kvpass.codegen.generate import interpreting  # noqa: E402
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 2**-6}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FAST = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 
 if not ON_GPU and not interpreting():  # another module imported triton for compilation
     pytest.skip("triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
