@@ -260,7 +260,7 @@ def _contig_range(spec: KernelSpec) -> str:
     if spec.sinks:
         out += ["a1 = tl.minimum(tl.minimum(te, tl.cdiv(hi, BLOCK_N)), "
                 "tl.minimum(lo // BLOCK_N, tl.cdiv(SINKS, BLOCK_N)))",
-                "n_a = tl.maximum(a1 - ts + 1, 0)  # sink tiles [ts, ts + n_a)"]
+                "n_a = tl.maximum(a1 - ts, 0)  # sink tiles [ts, ts + n_a)"]
     return _code(*out)
 
 

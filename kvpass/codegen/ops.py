@@ -181,11 +181,13 @@ def _prefill_config(spec: KernelSpec, sq: int, interpret: bool) -> tuple[int, in
 
 def prefill(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
             k_pos: Tensor | None = None, mask: Tensor | None = None,
-            block_mask: Tensor | None = None, *, interpret: bool | None = None) -> Tensor:
+            block_mask: Tensor | None = None, *, interpret: bool | None = None,
+            block_m: int | None = None, block_n: int | None = None) -> Tensor:
     """Run the generated flash-attention forward kernel. -> [B, H, Sq, Dv]
 
     ``interpret`` defaults to ``q.device.type != "cuda"``.  ``q_pos``/``k_pos`` None means
-    default positions (loop bounds skip invisible tiles; no position loads).
+    default positions (loop bounds skip invisible tiles; no position loads).  ``block_m`` /
+    ``block_n`` (powers of two >= 16) override the tile sizes (tests, tuning).
     """
     interpret = _mode(q, interpret)
     c = _normalise(q, k, v, spec, q_pos, k_pos, mask, block_mask)
@@ -194,6 +196,7 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | N
     if out.numel() == 0 or k.shape[2] == 0:
         return out.zero_()
     bm, bn, warps, stages = _prefill_config(spec, Sq, interpret)
+    bm, bn = block_m or bm, block_n or bn
     hmap, _ = _head_tables(spec, q.device)
     tensors, strides = _pos_args(c)
     kernel = load(spec, "prefill").attn_prefill
@@ -223,11 +226,11 @@ def _num_splits(c: _Call, n_tiles: int, interpret: bool, num_splits: int | None)
 def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
            k_pos: Tensor | None = None, mask: Tensor | None = None,
            block_mask: Tensor | None = None, *, interpret: bool | None = None,
-           num_splits: int | None = None) -> Tensor:
+           num_splits: int | None = None, block_n: int | None = None) -> Tensor:
     """Run the generated split-K decode kernels (small Sq). -> [B, H, Sq, Dv]
 
     Each split reduces ``tiles per split`` KV tiles for all query heads of one kv head; a
-    second kernel combines the splits.  ``num_splits`` overrides the heuristic.
+    second kernel combines the splits.  ``num_splits`` / ``block_n`` override the heuristics.
     """
     interpret = _mode(q, interpret)
     c = _normalise(q, k, v, spec, q_pos, k_pos, mask, block_mask)
@@ -237,6 +240,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | No
     if out.numel() == 0 or Sk == 0:
         return out.zero_()
     bm, bn = _decode_config(spec, Sq, interpret)
+    bn = block_n or bn
     nsplit, tps = _num_splits(c, _cdiv(Sk, bn), interpret, num_splits)
     f32 = dict(dtype=torch.float32, device=q.device)
     mp = torch.empty(B, H, Sq, nsplit, **f32)
