@@ -398,11 +398,25 @@ def _rope_and_norm(chain: list[fx.Node], D: int, problems: list[str], what: str)
         neg = next(n for n in chain if gu.op_name(n) == "neg")
         rope = Rope("interleaved", 2 * int(_shape(neg)[-1]))
     if ops & NORM_OPS:
+        inside = set(chain)
         for n in chain:
             for a in gu.tensor_args(n):
-                if a.op == "get_attr" and _shape(a) is not None and tuple(_shape(a)) == (D,):
-                    norm = gu.fqn(a.target)
+                w = _param_behind(a) if a not in inside else None
+                if w is not None and _shape(w) is not None and tuple(_shape(w)) == (D,):
+                    norm = gu.fqn(w.target)
     return rope, norm
+
+
+def _param_behind(n: fx.Node, steps: int = 3) -> fx.Node | None:
+    """The parameter a norm scale comes from, through e.g. Gemma's ``1 + weight`` or a cast."""
+    for _ in range(steps):
+        if n.op == "get_attr":
+            return n
+        data = gu.tensor_args(n)
+        if len(data) != 1:
+            return None
+        n = data[0]
+    return n if n.op == "get_attr" else None
 
 
 def _output_projection(out: fx.Node, env, H: int, D: int) -> Projection | None:

@@ -69,6 +69,7 @@ def test_norms_windows_and_names(sites_of):
     q3 = sites_of("qwen3")[0]
     assert q3.q_norm.endswith("q_norm.weight") and q3.k_norm.endswith("k_norm.weight")
     assert [s.window for s in sites_of("gemma3")] == [5, 5, None]
+    assert sites_of("gemma3")[0].k_norm.endswith("k_norm.weight")  # Gemma's norm: x * (1 + w)
     assert [s.window for s in sites_of("mistral")] == [6, 6]
     assert sites_of("llama")[0].name == "model.layers.0.self_attn"
     assert sites_of("handwritten")[1].name == "blocks.1.attention"

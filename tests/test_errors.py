@@ -1,0 +1,97 @@
+"""Bad input: unsupported sites name the module and what did not match; the CLI exits 2."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import kvpass
+
+
+class AlibiAttention(nn.Module):
+    """Adds a per-head linear position bias to the scores (ALiBi): not a mask."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim) for _ in range(4))
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1, heads + 1).float())
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = (w(x).view(B, S, self.h, self.d).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        pos = torch.arange(S, device=x.device)
+        bias = -self.slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs()  # [H, S, S]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d) + bias
+        return self.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, -1))
+
+
+class OddKeyAttention(nn.Module):
+    """A made-up positional op (sin) on the key path."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = (w(x).view(B, S, self.h, self.d).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        k = torch.sin(k)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class Net(nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.layers = nn.ModuleList([attn(), attn()])
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("attn,what", [(AlibiAttention, "score bias"), (OddKeyAttention, "'sin'")])
+def test_unsupported_site_names_module_and_mismatch(attn, what):
+    torch.manual_seed(0)
+    model = Net(attn).eval()
+    sites = kvpass.find_sites(model)
+    assert len(sites) == 2
+    assert sites[1].problems and sites[1].problems[0].startswith("layers.1")
+    assert any(what in p for p in sites[1].problems)
+    with pytest.raises(kvpass.SiteError, match=r"layers\.0.*" + what.replace("'", ".")):
+        kvpass.optimize(model, kvpass.SharedKV(kv_heads=1))
+    kept = kvpass.optimize(model, kvpass.Full())  # Full leaves such a site as it was
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.equal(kept(ids), model(ids))
+    assert set(kept._kvpass.kept) == {"layers.0", "layers.1"}
+
+
+def test_no_attention_at_all():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    with pytest.raises(kvpass.SiteError, match="no attention"):
+        kvpass.optimize(model, example_inputs=(torch.zeros(1, 4, dtype=torch.long),))
+
+
+def test_cli_bad_path_exits_2(tmp_path):
+    for arg in (str(tmp_path / "missing"), str(tmp_path)):
+        r = subprocess.run([sys.executable, "-m", "kvpass.cli", "inspect", arg],
+                           capture_output=True, text=True)
+        assert r.returncode == 2
+        assert r.stderr.strip().count("\n") <= 1 and "Traceback" not in r.stderr
+        assert "kvpass: error:" in r.stderr
+
+
+def test_cli_help_explains():
+    r = subprocess.run([sys.executable, "-m", "kvpass.cli", "inspect", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "bundled name" in r.stdout and "--json" in r.stdout
