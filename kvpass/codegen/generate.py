@@ -392,7 +392,7 @@ def _decode_kernels(spec: KernelSpec) -> str:
         qi = r % SQ
     """
     pos = _positions("SK - SQ", "SK - 1")
-    loop = "ts = split * TPS\nte = tl.minimum(ts + TPS, SK // BLOCK_N)\n"
+    loop = "ts = split * TPS\nte = tl.minimum(ts + TPS, tl.cdiv(SK, BLOCK_N))\n"
     store = """
         part = ((b64 * H + h) * SQ + qi) * NSPLIT + split  # [BLOCK_M] partial-row index
         tl.store(MP + part, m_i, mask=row_ok)
