@@ -8,16 +8,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from .cache import ensure_layer, find_caches
+from .calibrate import calibration_ids, collect_stats, layer_inputs, run_calls
 from .capture import capture, default_example_inputs
 from .errors import KVPassError, SiteError
-from .lower import KVAttention, lower_site, record_calls
+from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
+from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
+from .passes import PASSES, needs_stats
 from .policy import Form, Full, Policy
 from .sites import AttentionSite, find_sites_in
 
 __all__ = ["optimize", "kv_bytes_per_token", "Report"]
 
-IMPLEMENTED = {"full"}
+IMPLEMENTED = {"full", "shared_kv"}
 
 
 @dataclass
@@ -28,16 +33,22 @@ class Report:
     forms: dict[str, tuple[Form, ...]] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)  # name -> why left untouched
     counters: dict[str, int] = field(default_factory=dict)
+    heal: dict[str, tuple[float, float]] = field(default_factory=dict)  # loss before/after
+    removed: dict[str, list[str]] = field(default_factory=dict)  # params dropped (cross-layer)
 
 
-def optimize(model: nn.Module, policy=None, calibration=None, *, example_inputs=None,
-             inplace: bool = False) -> nn.Module:
+def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None, heal=False,
+             example_inputs=None, inplace: bool = False, progress: bool = False) -> nn.Module:
     """Rewrite every attention site of ``model`` into the forms ``policy`` asks for.
 
     ``policy``: a :class:`~kvpass.Policy`, a form, or a list of forms (all layers); default
-    ``Full()`` (kvpass's own attention and cache, same results).  The model is copied first
-    unless ``inplace=True``: the source is never modified.  The result works with HF
-    ``generate()``; ``model._kvpass`` holds a :class:`Report`.
+    ``Full()`` (kvpass's own attention and cache, same results).  ``calibration``: token ids,
+    text, a list of texts or a text-file path (text needs ``tokenizer``) — used by passes that
+    calibrate and by ``heal`` (``True`` = :data:`kvpass.heal.HEAL_DEFAULT_STEPS` Adam steps per
+    layer, or an int).  Layers are calibrated and healed in order, each on the outputs of the
+    already rewritten layers before it.  The model is copied first unless ``inplace=True``: the
+    source is never modified.  The result works with HF ``generate()``; ``model._kvpass`` holds
+    a :class:`Report`.
 
     Example:
         >>> import torch, kvpass
@@ -53,8 +64,6 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, example_inputs=
         256
     """
     policy = Policy.of(Full() if policy is None else policy)
-    if calibration is not None:
-        raise KVPassError("calibration: no lossy form is available in this version; nothing to calibrate")
     if not inplace:
         model = copy.deepcopy(model)
     if example_inputs is None:
@@ -65,15 +74,85 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, example_inputs=
     report = Report(sites)
     chosen = _choose(sites, policy, report)
     calls = record_calls(model, list(chosen), lambda: _run(model, example_inputs))
+    lowered = {}
     for site in sites:
         if site.name in chosen:
-            lower_site(model, site, calls[site.name], chosen[site.name])
-            report.counters["lowered"] = report.counters.get("lowered", 0) + 1
-    model._kvpass = report
+            lowered[site.name] = lower_site(model, site, calls[site.name], chosen[site.name])
+            _count(report, "lowered")
     if not getattr(model, "_kvpass_hook", False):
         model.register_forward_pre_hook(_prepare_caches, with_kwargs=True)
         model._kvpass_hook = True
+    model._kvpass = report
+    steps = HEAL_DEFAULT_STEPS if heal is True else int(heal or 0)
+    lossy = [s for s in sites if s.name in chosen and chosen[s.name] != (Full(),)]
+    if not lossy:
+        return model
+    need = steps > 0 or any(needs_stats(f) for s in lossy for f in chosen[s.name])
+    ids = calibration_ids(calibration, tokenizer) if calibration is not None else None
+    if need and ids is None:
+        raise KVPassError("this policy calibrates (similarity grouping, calibrated merge or heal): "
+                          "pass calibration=<token ids | text | file> (and tokenizer= for text)")
+    _rewrite_layers(model, lossy, chosen, lowered, ids, steps, report, progress)
     return model
+
+
+def _rewrite_layers(model, lossy, chosen, lowered, ids, steps, report, progress) -> None:
+    """Layer by layer, in order: calibrate, run the passes, set up sharing, heal."""
+    weights = dict(model.named_parameters())
+    producers: dict[int, KVCore] = {}
+    for site in tqdm(lossy, desc="kvpass: rewriting layers", disable=not progress):
+        att = lowered[site.name]
+        forms = chosen[site.name]
+        calls = layer_inputs(model, site.name, ids) if ids is not None else None
+        teacher = snapshot(att) if steps else None
+        stats = None
+        if calls is not None and any(needs_stats(f) for f in forms):
+            with torch.no_grad(), collect_stats(att.kv_core) as stats:
+                run_calls(att, calls)
+        for form in forms:
+            att.kv_core.plan = PASSES[form.kind](att, site, form, weights, stats)
+            _count(report, form.kind)
+        _cross_layer(att, site, forms, producers, lossy, report)
+        if steps:
+            before, after = heal_block(att, teacher, calls, _trainable(att, site), steps=steps,
+                                       desc=f"heal {site.name}", progress=progress)
+            report.heal[site.name] = (before, after)
+            _count(report, "healed")
+
+
+def _cross_layer(att, site, forms, producers, lossy, report) -> None:
+    k = max((getattr(f, "cross_layer", 1) for f in forms), default=1)
+    if k <= 1:
+        return
+    pos = [s.layer for s in lossy].index(site.layer)
+    if pos % k == 0:
+        producers[site.layer] = att.kv_core
+        return
+    first = lossy[pos - pos % k]
+    prod = producers[first.layer]
+    if (first.window, first.head_dim, first.num_heads) != (site.window, site.head_dim, site.num_heads):
+        raise SiteError(f"{site.name}: cross_layer={k} pairs it with {first.name}, whose window/"
+                        "heads/head_dim differ; choose layers of one kind (per-layer policy)")
+    att.kv_core.set_producer(prod)
+    att.kv_core.plan = LayerPlan(head_map=prod.plan.head_map or site.kv_head_map)
+    report.removed[site.name] = att.drop_kv_inputs()
+    _count(report, "cross_layer")
+
+
+def _trainable(att: KVAttention, site: AttentionSite) -> list[str]:
+    """The layer's projections (relative names); K/V only where the layer still has them."""
+    names = dict(att.named_parameters())
+    out = []
+    for proj in (site.q_proj, site.k_proj, site.v_proj, site.o_proj):
+        for full in (proj.weight, proj.bias):
+            rel = full[len(site.name) + 1:] if full and full.startswith(site.name + ".") else None
+            if rel in names and rel not in out:
+                out.append(rel)
+    return out
+
+
+def _count(report: Report, key: str) -> None:
+    report.counters[key] = report.counters.get(key, 0) + 1
 
 
 def _choose(sites, policy: Policy, report: Report) -> dict[str, tuple[Form, ...]]:
@@ -118,10 +197,10 @@ def _params(model: nn.Module):
 
 def _prepare_caches(model: nn.Module, args, kwargs):
     """Swap kvpass layers into caches handed to the model (e.g. by ``generate``)."""
-    layers = [m.kv_core.layer_idx for m in model.modules() if isinstance(m, KVAttention)]
+    cores = [m.kv_core for m in model.modules() if isinstance(m, KVAttention)]
     for cache in find_caches(kwargs):
-        for i in layers:
-            ensure_layer(cache, i)
+        for c in sorted(cores, key=lambda c: c.producer is not None):
+            ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx)
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:

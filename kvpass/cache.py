@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["KVCacheLayer", "KVSlidingCacheLayer", "ensure_layer", "cache_nbytes", "find_caches"]
+__all__ = ["KVCacheLayer", "KVSlidingCacheLayer", "KVSharedLayer", "ensure_layer", "cache_nbytes", "find_caches"]
 
 
 class KVCacheLayer(DynamicLayer):
@@ -29,10 +29,34 @@ class KVSlidingCacheLayer(DynamicSlidingWindowLayer):
     nbytes = KVCacheLayer.nbytes
 
 
-def ensure_layer(cache: Cache, idx: int):
-    """The kvpass layer at ``idx`` of ``cache``, swapping in one where HF put its default."""
-    while len(cache.layers) <= idx:
+class KVSharedLayer(DynamicLayer):
+    """A cross-layer consumer's slot: stores nothing, reports its producer's sizes (masks)."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+
+    def get_seq_length(self) -> int:
+        return self.source.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.source.get_mask_sizes(query_length)
+
+    def nbytes(self) -> int:
+        return 0
+
+
+def ensure_layer(cache: Cache, idx: int, source: int | None = None):
+    """The kvpass layer at ``idx`` of ``cache``, swapping in one where HF put its default.
+
+    ``source``: for a cross-layer consumer, the producer's index (the slot then stores nothing).
+    """
+    while len(cache.layers) <= max(idx, source or 0):
         cache.layers.append(DynamicLayer())
+    if source is not None:
+        if not isinstance(cache.layers[idx], KVSharedLayer):
+            cache.layers[idx] = KVSharedLayer(ensure_layer(cache, source))
+        return cache.layers[idx]
     layer = cache.layers[idx]
     if isinstance(layer, (KVCacheLayer, KVSlidingCacheLayer)):
         return layer

@@ -13,12 +13,14 @@ names, so ``state_dict`` keys and ``save_pretrained`` are unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from . import graphutil as gu
 from . import reference
 from .cache import ensure_layer, find_caches
 from .capture import Captured, bind_call, capture_call
@@ -26,7 +28,7 @@ from .errors import SiteError
 from .policy import Form
 from .sites import AttentionSite, find_sites_in
 
-__all__ = ["CoreSpec", "KVCore", "KVAttention", "lower_site", "record_calls"]
+__all__ = ["CoreSpec", "LayerPlan", "KVCore", "KVAttention", "lower_site", "record_calls"]
 
 
 @dataclass(frozen=True)
@@ -48,33 +50,78 @@ class CoreSpec:
                    site.causal, site.softcap, site.nodes.mask_kind if site.nodes else "none")
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer stores and reads its cache (what the passes decided).
+
+    ``keep``: the heads of ``k_pre``/``v_pre`` that are stored (None: all);
+    ``head_map[h]``: which stored head query head ``h`` reads (None: the site's map).
+    """
+
+    keep: tuple[int, ...] | None = None
+    head_map: tuple[int, ...] | None = None
+
+
 class KVCore(nn.Module):
     """Cache traffic + attention for one layer, for the form ``forms``.
 
     ``forward(q [B,H,Sq,D], k [B,Hkv,Sq,D], v [B,Hkv,Sq,D], mask)`` -> [B,H,Sq,D].
+    A cross-layer *consumer* (``producer`` set) stores nothing and reads the producer's cache.
+    ``taps`` are callbacks ``tap(q, k, v)`` (calibration statistics).
     """
 
     def __init__(self, spec: CoreSpec, forms: tuple[Form, ...], layer_idx: int):
         super().__init__()
         self.spec, self.forms, self.layer_idx = spec, forms, layer_idx
+        self.plan = LayerPlan()
+        self.taps: list = []
+        self._producer: list[KVCore] = []  # unregistered reference
         self._cache = None  # set by KVAttention for the duration of one call
+        self._last = None   # this call's stored K/V, for consumers in cache-free forwards
+
+    @property
+    def producer(self) -> KVCore | None:
+        return self._producer[0] if self._producer else None
+
+    def set_producer(self, core: KVCore | None) -> None:
+        self._producer = [] if core is None else [core]
+
+    def stored_heads(self) -> int:
+        return self.spec.num_kv_heads if self.plan.keep is None else len(self.plan.keep)
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        s = self.spec
-        return 2 * s.num_kv_heads * s.head_dim * torch.empty((), dtype=dtype).element_size()
+        if self.producer is not None:
+            return 0
+        size = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.stored_heads() * self.spec.head_dim * size
 
-    def forward(self, q, k, v, mask=None):
-        if self._cache is not None:
-            k, v = ensure_layer(self._cache, self.layer_idx).update(k, v)
+    def forward(self, q, k=None, v=None, mask=None):
+        for tap in self.taps:
+            tap(q, k, v)
+        producer = self.producer
+        if producer is None:
+            if self.plan.keep is not None:
+                idx = torch.tensor(self.plan.keep, device=k.device)
+                k, v = k.index_select(1, idx), v.index_select(1, idx)
+            if self._cache is not None:
+                k, v = ensure_layer(self._cache, self.layer_idx).update(k, v)
+            self._last = (k, v)
+        elif self._cache is not None:
+            layer = ensure_layer(self._cache, self.layer_idx, source=producer.layer_idx).source
+            k, v = layer.keys, layer.values
+        else:
+            k, v = producer._last
         s = self.spec
-        return reference.attention(q, k, v, kv_head_map=s.kv_head_map, scale=s.scale,
+        head_map = self.plan.head_map or s.kv_head_map
+        return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale,
                                    causal=s.causal, softcap=s.softcap,
                                    mask=_prepare_mask(mask, s.mask_kind, k.shape[2]))
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"layer={self.layer_idx}, heads={s.num_heads}, kv_heads={s.num_kv_heads}, "
-                f"head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}")
+        src = f", reads layer {self.producer.layer_idx}" if self.producer is not None else ""
+        return (f"layer={self.layer_idx}, heads={s.num_heads}, kv_heads={self.stored_heads()}/"
+                f"{s.num_kv_heads}, head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}{src}")
 
 
 def _prepare_mask(mask, kind: str, k_len: int):
@@ -108,7 +155,7 @@ class KVAttention(nn.Module):
         self._paths = cap.input_paths
         self._out_spec = cap.out_spec
         self._consts = dict(zip(cap.input_paths, pytree.tree_leaves(cap.sample)))
-        self.site = site
+        self.site = dataclasses.replace(site, nodes=None)  # the facts, without graph handles
         self.training = original.training
 
     def forward(self, *args, **kwargs):
@@ -131,6 +178,28 @@ class KVAttention(nn.Module):
         finally:
             self.kv_core._cache = None
         return pytree.tree_unflatten(list(out), self._out_spec)
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self._graph[0]
+
+    def drop_kv_inputs(self) -> list[str]:
+        """Stop computing keys/values (a cross-layer consumer): cut them from the graph and
+        remove parameters nothing reads any more.  Returns the removed parameter names."""
+        gm = self.graph_module
+        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "kv_core")
+        call.args = (call.args[0], None, None, call.args[3])
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        used = {gu.fqn(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        removed = []
+        for name, child in list(self.named_children()):
+            names = [f"{name}.{p}" for p, _ in child.named_parameters()]
+            if name != "kv_core" and names and not any(n in used for n in names):
+                delattr(self, name)
+                removed += names
+        return removed
 
 
 def record_calls(model: nn.Module, names: list[str], run) -> dict[str, dict]:
@@ -189,5 +258,8 @@ def _rewrite(cap: Captured, site: AttentionSite, core: KVCore) -> fx.GraphModule
             g.erase_node(node)
     g.eliminate_dead_code()
     g.lint()
+    for node in g.nodes:  # fake-tensor metadata is not needed to run, and can't be deep-copied
+        for key in ("val", "example_value", "tensor_meta", "unbacked_bindings"):
+            node.meta.pop(key, None)
     gm.recompile()
     return gm

@@ -190,8 +190,9 @@ def test_decode_matches_reference(data, sk, seed):
     check(out, ref(q, k, v, spec, q_pos, k_pos, mask, block_mask), spec.dtype)
 
 
-# Forms at shapes whose tile boundaries meet the window edges: 32-row query blocks and
-# 16-key tiles over 70 positions give q_hi - k_lo = 15 and q_lo - k_hi = 17 for some tiles.
+# Forms at shapes whose tile edges meet the rules' edges: 32-row query blocks and 16-key
+# tiles over 65 positions give q_hi - k_lo = 15, q_lo - k_hi = 17, and a last query block
+# whose causal edge (q_hi = 64; decode: 96) is the first key of a tile.
 FORMS = {
     "full": {},
     "causal": dict(causal=True),
@@ -211,7 +212,7 @@ FORMS = {
 def test_forms_grid(form, kind, pos):
     gen = torch.Generator().manual_seed(7)
     spec = KernelSpec(**(dict(num_heads=2, num_kv_heads=1, head_dim=16) | FORMS[form]))
-    sq, sk = (70, 70) if kind == "prefill" else (2, 100)
+    sq, sk = (65, 65) if kind == "prefill" else (2, 97)
     q, k, v = qkv(spec, 1, sq, sk, gen)
     q_pos, k_pos = positions(pos, 1, sq, sk, gen)
     mask = block_mask = None
@@ -225,6 +226,37 @@ def test_forms_grid(form, kind, pos):
     else:
         out = decode(q, k, v, spec, q_pos, k_pos, mask, block_mask, num_splits=3, block_n=16)
     check(out, ref(q, k, v, spec, q_pos, k_pos, mask, block_mask), spec.dtype)
+
+
+def block_table(pattern: str, gen: torch.Generator) -> torch.Tensor:
+    """8x8 tables set only at / only off the corners of 3x3 groups; 3x3 random tables (fewer
+    blocks than positions reach, so lookups clamp) sparse or dense."""
+    if pattern in ("corners_only", "middle_only"):
+        i = torch.arange(8)
+        middle = (i[:, None] % 3 == 1) | (i[None, :] % 3 == 1)
+        table = ~middle if pattern == "corners_only" else middle
+    else:
+        table = torch.rand(3, 3, generator=gen) < (0.25 if pattern == "sparse" else 0.75)
+    return table.to(DEVICE)
+
+
+@pytest.mark.parametrize("pattern", ["corners_only", "middle_only", "sparse", "dense"])
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("pos", ["default", "offset"])
+def test_block_table_tiles(pattern, block, pos):
+    """Whole-tile decisions from a block table: 32-wide tiles at offset 8 span 3x3 table
+    blocks of 16 (not decidable by corners) or 2x2 blocks of 32 (decided by corners)."""
+    gen = torch.Generator().manual_seed(5 + block)
+    spec = KernelSpec(num_heads=1, num_kv_heads=1, head_dim=16, block=block, has_block_mask=True)
+    table = block_table(pattern, gen)
+    sq, sk = 64, 72  # default positions: queries at 8..71
+    q, k, v = qkv(spec, 1, sq, sk, gen)
+    q_pos = k_pos = None
+    if pos == "offset":
+        q_pos = torch.arange(8, 72, device=DEVICE)[None]
+        k_pos = torch.arange(8, 80, device=DEVICE)[None]
+    out = prefill(q, k, v, spec, q_pos, k_pos, block_mask=table, block_m=32, block_n=32)
+    check(out, ref(q, k, v, spec, q_pos, k_pos, block_mask=table), spec.dtype)
 
 
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
@@ -322,6 +354,22 @@ def test_export_sees_one_node(monkeypatch):
                                2 * ref(q.cpu(), k.cpu(), v.cpu(), spec, mask=mask))
 
 
+def test_compile_sees_one_node(monkeypatch):
+    monkeypatch.setenv("KVPASS_KERNELS", "reference")
+    spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm
+
+    fn = torch.compile(lambda q, k, v: attention(q, k, v, spec) + 1, backend=backend,
+                       fullgraph=True)
+    q, k, v = qkv(spec, 1, 5, 5, torch.Generator().manual_seed(4))
+    fn(q.cpu(), k.cpu(), v.cpu())
+    assert [t for t in graphs[0] if "kvpass" in str(t)] == [torch.ops.kvpass.attention]
+
+
 # --------------------------------------------------------------------------------------
 # spec, source text, caching
 # --------------------------------------------------------------------------------------
@@ -330,6 +378,9 @@ def test_spec_json_and_key():
     assert spec.kv_head_map == (0, 0, 0, 1, 1, 1, 2, 2, 2) and spec.scale == 0.125
     assert KernelSpec.from_json(spec.to_json()) == spec
     assert spec.key() == KernelSpec.from_json(spec.to_json()).key()
+    # the key is a stable name across processes and versions of this file
+    assert KernelSpec(num_heads=2, num_kv_heads=1, head_dim=16).key() == (
+        "077d57d3cf307cb6e7e8f113424711b935ca051724a37226bcec3945bb311ff7")
     assert spec.key() != spec.replace(sinks=3).key()
     assert spec.replace(kv_head_map=(2, 1, 0) * 3).group_size is None
     assert spec.head_groups == ((0, 1, 2), (3, 4, 5), (6, 7, 8))
@@ -396,6 +447,25 @@ def test_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["KVPASS_CACHE"] = str(tmp_path)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "attn_prefill" in res.stdout and "attn_decode_reduce" in res.stdout
+
+
+@pytest.mark.skipif(ON_GPU, reason="--tiny runs the interpreter; this process compiles")
+def test_bench_tiny(tmp_path):
+    """bench/attention_kernels.py --tiny runs here (CPU, interpreter) and writes its JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "attention_kernels.py"
+    mspec = importlib.util.spec_from_file_location("bench_attention_kernels", path)
+    bench = importlib.util.module_from_spec(mspec)
+    sys.modules[mspec.name] = bench  # dataclasses look their module up
+    mspec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main([str(out), "--tiny", "--only", "decode"])
+    rows = json.loads(out.read_text())["results"]
+    assert rows and rows[0]["kind"] == "decode" and rows[0]["max_abs_diff_vs_sdpa"] < 1e-4
+    assert rows[0]["kvpass_gbps"] > 0 and rows[0]["flops"] == 4 * 1 * 4 * 1 * 100 * 32

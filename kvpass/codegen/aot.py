@@ -7,8 +7,8 @@ triton runs compiled kernels (``TRITON_INTERPRET`` unset when triton was importe
 
 Example (needs ``TRITON_INTERPRET`` unset):
     >>> from kvpass.codegen import KernelSpec
-    >>> info = compile_for(KernelSpec(num_heads=4, num_kv_heads=1, head_dim=64), "decode")
-    >>> sorted(info)                                            # doctest: +SKIP
+    >>> spec = KernelSpec(num_heads=4, num_kv_heads=1, head_dim=64)
+    >>> sorted(compile_for(spec, "decode"))                     # doctest: +SKIP
     ['attn_decode_reduce', 'attn_decode_split']
 """
 

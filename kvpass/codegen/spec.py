@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from kvpass.errors import KVPassError
@@ -100,6 +99,8 @@ class KernelSpec:
             fill(self, "softcap", float(self.softcap))
         fill(self, "extra", dict(self.extra))
         self._validate()
+        # computed once (not a cached_property: torch.compile cannot trace its lock)
+        fill(self, "_json", json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")))
 
     def _validate(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -146,10 +147,6 @@ class KernelSpec:
         d = dataclasses.asdict(self)
         d["kv_head_map"] = list(self.kv_head_map)
         return d
-
-    @cached_property
-    def _json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces): equal specs give equal strings."""
