@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
 from tqdm.auto import tqdm
 
 from .cache import ensure_layer, find_caches
@@ -64,6 +63,7 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
         256
     """
     policy = Policy.of(Full() if policy is None else policy)
+    source = None if inplace else model
     if not inplace:
         model = copy.deepcopy(model)
     if example_inputs is None:
@@ -92,11 +92,11 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     if need and ids is None:
         raise KVPassError("this policy calibrates (similarity grouping, calibrated merge or heal): "
                           "pass calibration=<token ids | text | file> (and tokenizer= for text)")
-    _rewrite_layers(model, lossy, chosen, lowered, ids, steps, report, progress)
+    _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, progress)
     return model
 
 
-def _rewrite_layers(model, lossy, chosen, lowered, ids, steps, report, progress) -> None:
+def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, progress) -> None:
     """Layer by layer, in order: calibrate, run the passes, set up sharing, heal."""
     weights = dict(model.named_parameters())
     producers: dict[int, KVCore] = {}
@@ -114,8 +114,13 @@ def _rewrite_layers(model, lossy, chosen, lowered, ids, steps, report, progress)
             _count(report, form.kind)
         _cross_layer(att, site, forms, producers, lossy, report)
         if steps:
+            targets = None
+            if source is not None:  # the original model's own activations at this layer
+                with torch.no_grad():
+                    targets = run_calls(source.get_submodule(site.name),
+                                        layer_inputs(source, site.name, ids))
             before, after = heal_block(att, teacher, calls, _trainable(att, site), steps=steps,
-                                       desc=f"heal {site.name}", progress=progress)
+                                       desc=f"heal {site.name}", progress=progress, targets=targets)
             report.heal[site.name] = (before, after)
             _count(report, "healed")
 

@@ -59,7 +59,7 @@ def module_path(node: fx.Node) -> str:
 def _clean_path(path: str) -> str:
     # export records e.g. "L['self'].model.layers[0].self_attn" or "model.layers.0.self_attn"
     path = path.replace("L['self'].", "").replace("L['self']", "")
-    out, i = [], 0
+    out = []
     for part in path.replace("]", "").split("["):
         out.append(part.strip("'\""))
     return fqn(".".join(p for p in ".".join(out).split(".") if p))

@@ -1,7 +1,10 @@
 """Healing: local distillation of one rewritten attention block.
 
-After a lossy rewrite, the new block is trained (Adam, CPU) to reproduce the original block's
-output on that layer's calibration inputs.  Trainable: the layer's K/V projections, optionally
+After a lossy rewrite, the new block is trained (Adam with a cosine schedule, CPU) to reproduce
+the original block's output on that layer's calibration inputs.  Given the original model,
+the target is the original model's own activation at that layer (computed from the original
+inputs) while the student sees the rewritten model's inputs, so healing also corrects what
+earlier rewritten layers changed.  Trainable: the layer's K/V projections, optionally
 its query and output projections; everything else is frozen.  The loss is the mean squared
 error normalised by the teacher output's mean square (so 1.0 = predicting zeros).  The best
 parameters seen are kept, so healing never makes the calibration loss worse.
@@ -41,15 +44,18 @@ def _loss(student: nn.Module, calls: list[dict], targets: list[torch.Tensor]) ->
     return total / len(calls)
 
 
-def heal_block(student: nn.Module, teacher: nn.Module, calls: list[dict], trainable: list[str],
-               steps: int = HEAL_DEFAULT_STEPS, lr: float = 1e-3, desc: str = "heal",
-               progress: bool = False) -> tuple[float, float]:
+def heal_block(student: nn.Module, teacher: nn.Module | None, calls: list[dict], trainable: list[str],
+               steps: int = HEAL_DEFAULT_STEPS, lr: float = 2e-3, desc: str = "heal",
+               progress: bool = False, targets: list[torch.Tensor] | None = None) -> tuple[float, float]:
     """Train ``trainable`` parameters of ``student`` toward ``teacher`` on ``calls``.
 
+    ``targets`` (instead of ``teacher``): the outputs to reproduce, e.g. the original model's
+    activations at this layer, so the student also corrects errors of earlier layers.
     Returns (loss before, loss after); after <= before always (best parameters are kept).
     """
-    with torch.no_grad():
-        targets = [_first(teacher(**c)).float() for c in calls]
+    if targets is None:
+        with torch.no_grad():
+            targets = [_first(teacher(**c)).float() for c in calls]
     params = dict(student.named_parameters())
     train = [params[n] for n in trainable]
     saved = {n: p.requires_grad for n, p in params.items()}
@@ -62,14 +68,16 @@ def heal_block(student: nn.Module, teacher: nn.Module, calls: list[dict], traina
             before = float(_loss(student, calls, targets))
         best, best_state = before, [p.detach().clone() for p in train]
         opt = torch.optim.Adam(train, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for step in bar:
             c = [calls[step % len(calls)]]
-            t = [targets[step % len(calls)]]
+            t = [targets[step % len(targets)]]
             opt.zero_grad()
             loss = _loss(student, c, t)
             loss.backward()
             opt.step()
+            sched.step()
             if (step + 1) % max(1, steps // 10) == 0 or step == steps - 1:
                 with torch.no_grad():
                     full = float(_loss(student, calls, targets))

@@ -14,12 +14,14 @@ names, so ``state_dict`` keys and ``save_pretrained`` are unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from . import codegen
 from . import graphutil as gu
 from . import reference
 from .cache import ensure_layer, find_caches
@@ -113,15 +115,31 @@ class KVCore(nn.Module):
             k, v = producer._last
         s = self.spec
         head_map = self.plan.head_map or s.kv_head_map
-        return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale,
-                                   causal=s.causal, softcap=s.softcap,
-                                   mask=_prepare_mask(mask, s.mask_kind, k.shape[2]))
+        mask = _prepare_mask(mask, s.mask_kind, k.shape[2])
+        spec = _kernel_spec(s, tuple(head_map), k.shape[1], str(q.dtype).replace("torch.", ""),
+                            mask is not None)
+        if spec is None or (torch.is_grad_enabled() and q.requires_grad):
+            # shapes no kernel covers, or healing (training needs the differentiable reference)
+            return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale,
+                                       causal=s.causal, softcap=s.softcap, mask=mask)
+        return codegen.attention(q, k, v, spec, mask=mask)  # kernels on GPU, reference on CPU
 
     def extra_repr(self) -> str:
         s = self.spec
         src = f", reads layer {self.producer.layer_idx}" if self.producer is not None else ""
         return (f"layer={self.layer_idx}, heads={s.num_heads}, kv_heads={self.stored_heads()}/"
                 f"{s.num_kv_heads}, head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}{src}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _kernel_spec(s: CoreSpec, head_map: tuple[int, ...], kv_heads: int, dtype: str, has_mask: bool):
+    """The kernel spec of a layer's attention (None where no generated kernel applies)."""
+    try:
+        return codegen.KernelSpec(num_heads=s.num_heads, num_kv_heads=kv_heads, head_dim=s.head_dim,
+                                  kv_head_map=head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
+                                  has_mask=has_mask, dtype=dtype)
+    except codegen.CodegenError:
+        return None
 
 
 def _prepare_mask(mask, kind: str, k_len: int):

@@ -419,17 +419,18 @@ def _param_behind(n: fx.Node, steps: int = 3) -> fx.Node | None:
     return n if n.op == "get_attr" else None
 
 
-def _output_projection(out: fx.Node, env, H: int, D: int) -> Projection | None:
+def _output_projection(out: fx.Node, env, H: int, D: int) -> tuple[Projection | None, fx.Node | None]:
+    """The projection the heads' outputs feed, and which of its columns each (head, dim) is."""
     cur, chain = out, []
     while True:
         users = list(cur.users)
         if len(users) != 1:
-            return None
+            return None, None
         u = users[0]
         if _is_projection(u):
             break
         if not gu.is_movement(u):
-            return None
+            return None, None
         chain.append(u)
         cur = u
     val = env[out]
@@ -441,7 +442,7 @@ def _output_projection(out: fx.Node, env, H: int, D: int) -> Projection | None:
     for j, c in enumerate(cols.tolist()):
         channels[int(c)] = j
     weight, bias, transposed = _proj_params(u)
-    return Projection(weight, bias, tuple(channels), transposed)
+    return Projection(weight, bias, tuple(channels), transposed), u
 
 
 # ---------------------------------------------------------------------------- masks
@@ -494,8 +495,7 @@ def _probe_window(cap: Captured, core_mask: fx.Node, kind: str, length: int = 15
             phs[n] = torch.ones(1, length, dtype=env[n].dtype)
     phs[ids_node] = torch.zeros(1, length, dtype=torch.long)
     try:
-        vals = gu.replay([n for n in nodes if n.op != "placeholder"], {**env, **{k: v for k, v in phs.items()}},
-                         {k: v for k, v in phs.items()})
+        vals = gu.replay([n for n in nodes if n.op != "placeholder"], {**env, **phs}, dict(phs))
     except Exception:  # noqa: BLE001 - a mask that can't be replayed simply isn't probed
         return None
     m = vals[core_mask]
@@ -536,12 +536,13 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
     rope, k_norm = _rope_and_norm(k_path, D, problems, "key path")
     _, q_norm = _rope_and_norm(q_chain, D, problems, "query path")
     _, _ = _rope_and_norm(v_path, D, [], "value path")
-    op = _output_projection(core.out, env, H, D)
+    op, o_node = _output_projection(core.out, env, H, D)
     causal, window = _mask_facts(core, env, problems)
     if probe and core.mask is not None:
         window = _probe_window(cap, core.mask, core.mask_kind)
     scale = core.scale if core.scale is not None else 1 / math.sqrt(D)
-    paths = [gu.module_path(n) for n in (core.out, k_node, v_node) if n is not None]
+    # the owning module: the smallest holding the core and its K/V/output projections
+    paths = [gu.module_path(n) for n in (core.out, k_node, v_node, o_node) if n is not None]
     paths += [gu.module_path(n) for n in core.inner]
     name = gu.common_prefix(p for p in paths if p)
     nodes = SiteNodes(cap, core.out, core.q, k_pre, v_pre,
