@@ -21,9 +21,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from . import codegen
+from . import codegen, reference
 from . import graphutil as gu
-from . import reference
 from .cache import ensure_layer, find_caches
 from .capture import Captured, bind_call, capture_call
 from .errors import SiteError
