@@ -125,3 +125,15 @@ def test_heal_never_worse_and_calibrated_merge_runs():
     assert len(fast._kvpass.heal) == 2
     for before, after in fast._kvpass.heal.values():
         assert after <= before
+
+
+@given(h=st.sampled_from([2, 4, 6, 8, 12]), seed=st.integers(0, 1000), data=st.data())
+def test_balanced_clustering_partitions_heads(h, seed, data):
+    n = data.draw(st.sampled_from([d for d in range(1, h + 1) if h % d == 0]))
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(h, h, generator=g)
+    d = d + d.T
+    d.fill_diagonal_(0)
+    groups = shared_kv.similarity_groups(d, n)
+    assert sorted(x for gr in groups for x in gr) == list(range(h))
+    assert all(len(gr) == h // n for gr in groups)

@@ -85,18 +85,23 @@ def similarity_groups(dist: torch.Tensor, n: int) -> list[list[int]]:
     def cost(gr):
         return sum(float(dist[a, b]) for a in gr for b in gr)
 
-    improved = True
-    while improved:
-        improved = False
-        for i in range(n):
-            for j in range(i + 1, n):
-                for a in list(groups[i]):
-                    for b in list(groups[j]):
-                        gi = [b if x == a else x for x in groups[i]]
-                        gj = [a if x == b else x for x in groups[j]]
-                        if cost(gi) + cost(gj) < cost(groups[i]) + cost(groups[j]) - 1e-9:
-                            groups[i], groups[j], improved = gi, gj, True
+    while _swap_once(groups, cost):
+        pass
     return [sorted(gr) for gr in sorted(groups, key=min)]
+
+
+def _swap_once(groups: list[list[int]], cost) -> bool:
+    """Apply the first head swap between two groups that lowers the total cost."""
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            for a in groups[i]:
+                for b in groups[j]:
+                    gi = [x for x in groups[i] if x != a] + [b]
+                    gj = [x for x in groups[j] if x != b] + [a]
+                    if cost(gi) + cost(gj) < cost(groups[i]) + cost(groups[j]) - 1e-9:
+                        groups[i], groups[j] = gi, gj
+                        return True
+    return False
 
 
 # --------------------------------------------------------------------------- weight access
