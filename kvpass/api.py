@@ -103,7 +103,8 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, p
     for site in tqdm(lossy, desc="kvpass: rewriting layers", disable=not progress):
         att = lowered[site.name]
         forms = chosen[site.name]
-        calls = layer_inputs(model, site.name, ids) if ids is not None else None
+        wants = steps or any(needs_stats(f) for f in forms)
+        calls = layer_inputs(model, site.name, ids) if wants and ids is not None else None
         teacher = snapshot(att) if steps else None
         stats = None
         if calls is not None and any(needs_stats(f) for f in forms):
