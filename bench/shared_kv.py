@@ -64,6 +64,8 @@ def main() -> None:
              "kv_bytes_per_token": kvpass.kv_bytes_per_token(model), "seconds": 0.0}]
     print(_fmt(rows[-1], score_name))
     for n in heads:
+        if n >= kv:
+            continue
         for name in args.variants:
             v = dict(VARIANTS[name])
             heal = v.pop("heal")

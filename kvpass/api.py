@@ -100,6 +100,7 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, p
     """Layer by layer, in order: calibrate, run the passes, set up sharing, heal."""
     weights = dict(model.named_parameters())
     producers: dict[int, KVCore] = {}
+    sharing = _sharing_groups(lossy, chosen)
     for site in tqdm(lossy, desc="kvpass: rewriting layers", disable=not progress):
         att = lowered[site.name]
         forms = chosen[site.name]
@@ -113,7 +114,7 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, p
         for form in forms:
             att.kv_core.plan = PASSES[form.kind](att, site, form, weights, stats)
             _count(report, form.kind)
-        _cross_layer(att, site, forms, producers, lossy, report)
+        _cross_layer(att, site, producers, sharing, report)
         if steps:
             targets = None
             if source is not None:  # the original model's own activations at this layer
@@ -126,19 +127,30 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, p
             _count(report, "healed")
 
 
-def _cross_layer(att, site, forms, producers, lossy, report) -> None:
-    k = max((getattr(f, "cross_layer", 1) for f in forms), default=1)
-    if k <= 1:
-        return
-    pos = [s.layer for s in lossy].index(site.layer)
-    if pos % k == 0:
+def _sharing_groups(lossy: list[AttentionSite], chosen) -> dict[int, int]:
+    """Consumer layer -> producer layer for ``cross_layer=k``.
+
+    Layers are paired with the next layers *of the same kind* (window, heads, head_dim), in
+    runs of k, so hybrid models (Gemma 3: 5 sliding + 1 global) share within each kind.
+    """
+    kinds: dict[tuple, list[AttentionSite]] = {}
+    for s in lossy:
+        k = max((getattr(f, "cross_layer", 1) for f in chosen[s.name]), default=1)
+        if k > 1:
+            kinds.setdefault((k, s.window, s.num_heads, s.num_kv_heads, s.head_dim), []).append(s)
+    out = {}
+    for (k, *_), members in kinds.items():
+        for i, s in enumerate(members):
+            if i % k:
+                out[s.layer] = members[i - i % k].layer
+    return out
+
+
+def _cross_layer(att, site, producers, sharing, report) -> None:
+    if site.layer not in sharing:
         producers[site.layer] = att.kv_core
         return
-    first = lossy[pos - pos % k]
-    prod = producers[first.layer]
-    if (first.window, first.head_dim, first.num_heads) != (site.window, site.head_dim, site.num_heads):
-        raise SiteError(f"{site.name}: cross_layer={k} pairs it with {first.name}, whose window/"
-                        "heads/head_dim differ; choose layers of one kind (per-layer policy)")
+    prod = producers[sharing[site.layer]]
     att.kv_core.set_producer(prod)
     att.kv_core.plan = LayerPlan(head_map=prod.plan.head_map or site.kv_head_map)
     report.removed[site.name] = att.drop_kv_inputs()

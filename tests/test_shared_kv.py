@@ -137,3 +137,14 @@ def test_balanced_clustering_partitions_heads(h, seed, data):
     groups = shared_kv.similarity_groups(d, n)
     assert sorted(x for gr in groups for x in gr) == list(range(h))
     assert all(len(gr) == h // n for gr in groups)
+
+
+def test_cross_layer_pairs_layers_of_the_same_kind():
+    model = fam.build("gemma3")  # sliding, sliding, full
+    fast = kvpass.optimize(model, kvpass.SharedKV(cross_layer=2))
+    assert fast._kvpass.counters["cross_layer"] == 1
+    assert fast.model.layers[1].self_attn.kv_core.producer is fast.model.layers[0].self_attn.kv_core
+    assert fast.model.layers[2].self_attn.kv_core.producer is None
+    ids = torch.randint(1, fam.VOCAB, (2, 12))
+    out = fast.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 18)
