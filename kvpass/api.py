@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import ensure_layer, find_caches
-from .calibrate import calibration_ids, collect_stats, layer_inputs, run_calls
+from .calibrate import LayerFeeder, calibration_ids, collect_stats, record_all, run_calls
 from .capture import capture, default_example_inputs
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
@@ -101,11 +101,14 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, p
     weights = dict(model.named_parameters())
     producers: dict[int, KVCore] = {}
     sharing = _sharing_groups(lossy, chosen)
+    names = [s.name for s in lossy]
+    feeder = LayerFeeder(model, names, ids) if ids is not None else None
+    originals = record_all(source, names, ids) if steps and source is not None else None
     for site in tqdm(lossy, desc="kvpass: rewriting layers", disable=not progress):
         att = lowered[site.name]
         forms = chosen[site.name]
         wants = steps or any(needs_stats(f) for f in forms)
-        calls = layer_inputs(model, site.name, ids) if wants and ids is not None else None
+        calls = feeder.inputs(site.name) if wants and feeder is not None else None
         teacher = snapshot(att) if steps else None
         stats = None
         if calls is not None and any(needs_stats(f) for f in forms):
@@ -117,10 +120,9 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, p
         _cross_layer(att, site, producers, sharing, report)
         if steps:
             targets = None
-            if source is not None:  # the original model's own activations at this layer
+            if originals is not None:  # the original model's own activations at this layer
                 with torch.no_grad():
-                    targets = run_calls(source.get_submodule(site.name),
-                                        layer_inputs(source, site.name, ids))
+                    targets = run_calls(source.get_submodule(site.name), originals.pop(site.name))
             before, after = heal_block(att, teacher, calls, _trainable(att, site), steps=steps,
                                        desc=f"heal {site.name}", progress=progress, targets=targets)
             report.heal[site.name] = (before, after)

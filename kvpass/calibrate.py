@@ -143,3 +143,106 @@ def run_calls(module: nn.Module, calls: list[dict]) -> list:
         out = module(**c)
         outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return outs
+
+
+def record_all(model: nn.Module, names: list[str], ids: torch.Tensor, batch_size: int = 4) -> dict[str, list[dict]]:
+    """One pass: the calls every named module receives on ``ids`` (the original model's
+    activations, used as healing targets)."""
+    calls: dict[str, list[dict]] = {n: [] for n in names}
+    hooks = []
+    for n in names:
+        def hook(m, args, kwargs, n=n):
+            calls[n].append({k: _detach(v) for k, v in bind_call(m, args, kwargs).items()})
+
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), batch_size):
+                _forward(model, ids[start:start + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _forward(model: nn.Module, ids: torch.Tensor):
+    return model(input_ids=ids, use_cache=False) if _takes(model, "use_cache") else model(ids)
+
+
+class LayerFeeder:
+    """Inputs of each attention layer of the model *as rewritten so far*, in O(layers) work.
+
+    Where the attention modules sit in the blocks of one ``nn.ModuleList`` (the usual stack of
+    decoder/encoder layers), the blocks' calls are recorded once and the hidden state is carried
+    from block to block as layers are rewritten: block ``i`` is re-run only after layer ``i``
+    changed.  The hidden-state argument is found by data (the input of block ``i+1`` that equals
+    block ``i``'s output), not by name.  Otherwise every request re-runs the model up to the
+    layer (:func:`layer_inputs`).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], ids: torch.Tensor, batch_size: int = 4):
+        self.model, self.names, self.ids, self.batch = model, names, ids, batch_size
+        self.blocks = _block_list(model, names)
+        self.calls = self.key = None
+        self.ready = 0  # blocks before this one have been re-run since their layers changed
+        if self.blocks is not None:
+            block_names = [b for b, _ in self.blocks]
+            self.calls = record_all(model, block_names, ids, batch_size)
+            self.key = _hidden_key(model, block_names, self.calls)
+            if self.key is None:
+                self.blocks = None
+
+    def inputs(self, name: str) -> list[dict]:
+        """The calls attention ``name`` receives now (earlier layers as rewritten so far)."""
+        if self.blocks is None:
+            return layer_inputs(self.model, name, self.ids, self.batch)
+        names = [b for b, _ in self.blocks]
+        target = next(i for i, (_, sites) in enumerate(self.blocks) if name in sites)
+        with torch.no_grad():
+            for i in range(self.ready, target):  # carry the hidden state to block `target`
+                for c, nxt in zip(self.calls[names[i]], self.calls[names[i + 1]]):
+                    out = self.model.get_submodule(names[i])(**c)
+                    nxt[self.key] = out[0] if isinstance(out, (tuple, list)) else out
+        self.ready = target
+        got: list[dict] = []
+
+        def hook(m, args, kwargs):
+            got.append({k: _detach(v) for k, v in bind_call(m, args, kwargs).items()})
+            raise _Stop
+
+        h = self.model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for c in self.calls[names[target]]:
+                    try:
+                        self.model.get_submodule(names[target])(**c)
+                    except _Stop:
+                        pass
+        finally:
+            h.remove()
+        return got
+
+
+def _block_list(model: nn.Module, names: list[str]):
+    """[(block name, [attention names inside])] for the ModuleList holding the attentions."""
+    for lname, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            blocks = [(f"{lname}.{i}", [n for n in names if n.startswith(f"{lname}.{i}.")])
+                      for i in range(len(mod))]
+            covered = [n for _, inside in blocks for n in inside]
+            if sorted(covered) == sorted(names):
+                return blocks
+    return None
+
+
+def _hidden_key(model, block_names: list[str], calls: dict[str, list[dict]]) -> str | None:
+    """The keyword through which a block passes its hidden state to the next one."""
+    if len(block_names) < 2:
+        return next((k for k, v in calls[block_names[0]][0].items() if isinstance(v, torch.Tensor)), None)
+    with torch.no_grad():
+        out = model.get_submodule(block_names[0])(**calls[block_names[0]][0])
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    for k, v in calls[block_names[1]][0].items():
+        if isinstance(v, torch.Tensor) and v.shape == out.shape and torch.equal(v, out):
+            return k
+    return None
