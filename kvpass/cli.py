@@ -2,6 +2,7 @@
 
     kvpass inspect smollm2-135m           # one row per attention site, and totals
     kvpass inspect ./my-hf-folder --json  # the same, for machines
+    kvpass kernels --heads 9 --kv-heads 3 --head-dim 64 --causal --kind decode --dump
 
 Exit codes: 0 success, 2 bad input (one clear line on stderr, no traceback).
 """
@@ -36,7 +37,41 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("model", metavar="MODEL")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.set_defaults(func=cmd_inspect)
+    ker = sub.add_parser(
+        "kernels", help="print the Triton source kvpass generates for an attention form",
+        description="Generate (or read from the on-disk cache) the Triton kernel specialised to one "
+                    "attention form and print it. Example: kvpass kernels --heads 9 --kv-heads 3 "
+                    "--head-dim 64 --causal --window 512 --sinks 4 --kind decode --dump")
+    ker.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
+    ker.add_argument("--kv-heads", type=int, default=2, help="stored KV heads (default 2)")
+    ker.add_argument("--head-dim", type=int, default=64, help="16..256 (default 64)")
+    ker.add_argument("--causal", action="store_true", help="causal attention")
+    ker.add_argument("--window", type=int, default=None, help="sliding window (tokens)")
+    ker.add_argument("--sinks", type=int, default=0, help="attention sinks with --window")
+    ker.add_argument("--softcap", type=float, default=None, help="tanh soft-capping of scores")
+    ker.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ker.add_argument("--kind", default="prefill", choices=["prefill", "decode"])
+    ker.add_argument("--spec", default=None, help="a KernelSpec as JSON (overrides the flags above)")
+    ker.add_argument("--dump", action="store_true", help="print the source (default: its cache path)")
+    ker.set_defaults(func=cmd_kernels)
     return p
+
+
+def cmd_kernels(args) -> int:
+    from . import codegen
+
+    if args.spec:
+        spec = codegen.KernelSpec.from_json(args.spec)
+    else:
+        spec = codegen.KernelSpec(num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                  causal=args.causal, window=args.window, sinks=args.sinks,
+                                  softcap=args.softcap, dtype=args.dtype)
+    text = codegen.source(spec, args.kind)
+    if args.dump:
+        print(text)
+    else:
+        print(codegen.kernel_path(spec, args.kind))
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -88,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `kvpass kernels --dump | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

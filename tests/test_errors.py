@@ -95,3 +95,13 @@ def test_cli_bad_path_exits_2(tmp_path):
 def test_cli_help_explains():
     r = subprocess.run([sys.executable, "-m", "kvpass.cli", "inspect", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "bundled name" in r.stdout and "--json" in r.stdout
+
+
+def test_cli_kernels_dump_and_bad_spec():
+    r = subprocess.run([sys.executable, "-m", "kvpass.cli", "kernels", "--heads", "4", "--kv-heads", "2",
+                        "--head-dim", "32", "--causal", "--window", "16", "--sinks", "2", "--dump"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "import triton" in r.stdout and '"window":16' in r.stdout
+    r = subprocess.run([sys.executable, "-m", "kvpass.cli", "kernels", "--head-dim", "7"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "head_dim=7" in r.stderr and "Traceback" not in r.stderr
