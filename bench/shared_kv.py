@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--eval-len", type=int, default=512)
     ap.add_argument("--heal-steps", type=int, default=None)
+    ap.add_argument("--heal-lr", type=float, default=2e-3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -73,7 +74,9 @@ def main() -> None:
                 heal = args.heal_steps
             t = time.time()
             fast = kvpass.optimize(model, kvpass.SharedKV(kv_heads=n, **v), calibration=calib, heal=heal,
-                                   progress=True)
+                                   heal_lr=args.heal_lr, progress=True)
+            if heal:
+                name = f"{name} ({heal if heal is not True else 'default'} steps, lr {args.heal_lr:g})"
             rows.append({"variant": name, "kv_heads": n, score_name: score(fast),
                          "kv_bytes_per_token": kvpass.kv_bytes_per_token(fast),
                          "seconds": round(time.time() - t, 1)})

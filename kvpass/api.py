@@ -37,14 +37,15 @@ class Report:
 
 
 def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None, heal=False,
-             example_inputs=None, inplace: bool = False, progress: bool = False) -> nn.Module:
+             heal_lr: float = 2e-3, example_inputs=None, inplace: bool = False,
+             progress: bool = False) -> nn.Module:
     """Rewrite every attention site of ``model`` into the forms ``policy`` asks for.
 
     ``policy``: a :class:`~kvpass.Policy`, a form, or a list of forms (all layers); default
     ``Full()`` (kvpass's own attention and cache, same results).  ``calibration``: token ids,
     text, a list of texts or a text-file path (text needs ``tokenizer``) — used by passes that
     calibrate and by ``heal`` (``True`` = :data:`kvpass.heal.HEAL_DEFAULT_STEPS` Adam steps per
-    layer, or an int).  Layers are calibrated and healed in order, each on the outputs of the
+    layer, or an int; ``heal_lr`` its Adam learning rate).  Layers are calibrated and healed in order, each on the outputs of the
     already rewritten layers before it.  The model is copied first unless ``inplace=True``: the
     source is never modified.  The result works with HF ``generate()``; ``model._kvpass`` holds
     a :class:`Report`.
@@ -92,12 +93,13 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     if need and ids is None:
         raise KVPassError("this policy calibrates (similarity grouping, calibrated merge or heal): "
                           "pass calibration=<token ids | text | file> (and tokenizer= for text)")
-    _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, progress)
+    _rewrite_layers(model, source, lossy, chosen, lowered, ids, (steps, heal_lr), report, progress)
     return model
 
 
-def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, progress) -> None:
+def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, progress) -> None:
     """Layer by layer, in order: calibrate, run the passes, set up sharing, heal."""
+    steps, lr = heal
     weights = dict(model.named_parameters())
     producers: dict[int, KVCore] = {}
     sharing = _sharing_groups(lossy, chosen)
@@ -123,7 +125,7 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, steps, report, p
             if originals is not None:  # the original model's own activations at this layer
                 with torch.no_grad():
                     targets = run_calls(source.get_submodule(site.name), originals.pop(site.name))
-            before, after = heal_block(att, teacher, calls, _trainable(att, site), steps=steps,
+            before, after = heal_block(att, teacher, calls, _trainable(att, site), steps=steps, lr=lr,
                                        desc=f"heal {site.name}", progress=progress, targets=targets)
             report.heal[site.name] = (before, after)
             _count(report, "healed")
