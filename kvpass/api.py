@@ -46,8 +46,8 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     text, a list of texts or a text-file path (text needs ``tokenizer``) — used by passes that
     calibrate and by ``heal`` (``True`` = :data:`kvpass.heal.HEAL_DEFAULT_STEPS` Adam steps per
     layer, or an int; ``heal_lr`` its Adam learning rate).  Layers are calibrated and healed in
-    order, each on the outputs of the already rewritten layers before it.  The model is copied first unless ``inplace=True``: the
-    source is never modified.  The result works with HF ``generate()``; ``model._kvpass`` holds
+    order, each on the outputs of the already rewritten layers before it.  The model is copied
+    first unless ``inplace=True``: the source is never modified.  The result works with HF ``generate()``; ``model._kvpass`` holds
     a :class:`Report`.
 
     Example:
