@@ -47,8 +47,8 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     calibrate and by ``heal`` (``True`` = :data:`kvpass.heal.HEAL_DEFAULT_STEPS` Adam steps per
     layer, or an int; ``heal_lr`` its Adam learning rate).  Layers are calibrated and healed in
     order, each on the outputs of the already rewritten layers before it.  The model is copied
-    first unless ``inplace=True``: the source is never modified.  The result works with HF ``generate()``; ``model._kvpass`` holds
-    a :class:`Report`.
+    first unless ``inplace=True``: the source is never modified.  The result works with HF
+    ``generate()``; ``model._kvpass`` holds a :class:`Report`.
 
     Example:
         >>> import torch, kvpass
