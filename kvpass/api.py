@@ -21,7 +21,7 @@ from .sites import AttentionSite, find_sites_in
 
 __all__ = ["optimize", "kv_bytes_per_token", "Report"]
 
-IMPLEMENTED = {"full", "shared_kv"}
+IMPLEMENTED = {"full", *PASSES}  # form kinds optimize can lower
 
 
 @dataclass
