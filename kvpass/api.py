@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .cache import ensure_layer, find_caches
 from .calibrate import LayerFeeder, calibration_ids, collect_stats, record_all, run_calls
-from .capture import capture, default_example_inputs
+from .capture import capture, default_example_inputs, run_cache_free
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
 from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
@@ -74,7 +74,7 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
         raise SiteError(f"{type(model).__name__}: no attention found in the traced graph")
     report = Report(sites)
     chosen = _choose(sites, policy, report)
-    calls = record_calls(model, list(chosen), lambda: _run(model, example_inputs))
+    calls = record_calls(model, list(chosen), lambda: run_cache_free(model, example_inputs))
     lowered = {}
     for site in sites:
         if site.name in chosen:
@@ -197,24 +197,6 @@ def _choose(sites, policy: Policy, report: Report) -> dict[str, tuple[Form, ...]
             raise SiteError(f"{s.name}: holds more than one attention core; not supported")
         chosen[s.name] = forms
     return chosen
-
-
-def _run(model: nn.Module, example_inputs) -> None:
-    if isinstance(example_inputs, dict):
-        kwargs = dict(example_inputs)
-        if "use_cache" in _params(model):
-            kwargs.setdefault("use_cache", False)
-        model(**kwargs)
-    elif isinstance(example_inputs, torch.Tensor):
-        model(example_inputs)
-    else:
-        model(*example_inputs)
-
-
-def _params(model: nn.Module):
-    import inspect
-
-    return inspect.signature(model.forward).parameters
 
 
 def _prepare_caches(model: nn.Module, args, kwargs):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import bind_call
+from .capture import bind_call, run_cache_free
 from .errors import KVPassError
 
 __all__ = ["calibration_ids", "layer_inputs", "KVStats", "collect_stats"]
@@ -73,19 +73,12 @@ def layer_inputs(model: nn.Module, module_name: str, ids: torch.Tensor, batch_si
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
                 try:
-                    model(input_ids=ids[start:start + batch_size], use_cache=False) \
-                        if _takes(model, "use_cache") else model(ids[start:start + batch_size])
+                    _forward(model, ids[start:start + batch_size])
                 except _Stop:
                     pass
     finally:
         h.remove()
     return calls
-
-
-def _takes(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(model.forward).parameters
 
 
 def _detach(v):
@@ -166,7 +159,13 @@ def record_all(model: nn.Module, names: list[str], ids: torch.Tensor, batch_size
 
 
 def _forward(model: nn.Module, ids: torch.Tensor):
-    return model(input_ids=ids, use_cache=False) if _takes(model, "use_cache") else model(ids)
+    return run_cache_free(model, {"input_ids": ids} if "input_ids" in _params(model) else (ids,))
+
+
+def _params(model: nn.Module):
+    import inspect
+
+    return inspect.signature(model.forward).parameters
 
 
 class LayerFeeder:

@@ -29,7 +29,8 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["Captured", "capture", "capture_call", "default_example_inputs", "bind_call"]
+__all__ = ["Captured", "capture", "capture_call", "default_example_inputs", "bind_call", "cache_free_call",
+           "run_cache_free"]
 
 SAMPLE_BATCH, SAMPLE_SEQ = 2, 13  # distinct, > 1: no dimension gets specialised by accident
 
@@ -166,6 +167,23 @@ def capture_call(module: nn.Module, kwargs: dict, *, run: bool = True) -> Captur
     return cap
 
 
+def cache_free_call(model: nn.Module, inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) for calling ``model`` on ``inputs`` (a tensor, a tuple of positional args
+    or a dict of keyword args) without a KV cache (``use_cache=False`` where accepted)."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    return args, kwargs
+
+
+def run_cache_free(model: nn.Module, inputs):
+    """Call ``model`` on ``inputs`` without a KV cache (see :func:`cache_free_call`)."""
+    args, kwargs = cache_free_call(model, inputs)
+    return model(*args, **kwargs)
+
+
 def capture(model: nn.Module, example_inputs=None) -> Captured:
     """Trace ``model`` into an FX graph (dynamic batch and sequence length).
 
@@ -175,11 +193,6 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     """
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs.setdefault("use_cache", False)
-    flat = bind_call(model, args, kwargs)
+    flat = bind_call(model, *cache_free_call(model, example_inputs))
     with torch.no_grad():
         return capture_call(model, flat)
