@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from .calibrate import LayerFeeder, calibration_ids, collect_stats, record_all, 
 from .capture import capture, default_example_inputs, run_cache_free
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
-from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
+from .lower import KVAttention, KVCore, lower_site, record_calls
 from .passes import PASSES, needs_stats
 from .policy import Form, Full, Policy
 from .sites import AttentionSite, find_sites_in
@@ -140,8 +141,9 @@ def _sharing_groups(lossy: list[AttentionSite], chosen) -> dict[int, int]:
     kinds: dict[tuple, list[AttentionSite]] = {}
     for s in lossy:
         k = max((getattr(f, "cross_layer", 1) for f in chosen[s.name]), default=1)
+        others = tuple(f for f in chosen[s.name] if f.kind != "shared_kv")  # window, sparse, ...
         if k > 1:
-            kinds.setdefault((k, s.window, s.num_heads, s.num_kv_heads, s.head_dim), []).append(s)
+            kinds.setdefault((k, s.window, s.num_heads, s.num_kv_heads, s.head_dim, others), []).append(s)
     out = {}
     for (k, *_), members in kinds.items():
         for i, s in enumerate(members):
@@ -156,7 +158,7 @@ def _cross_layer(att, site, producers, sharing, report) -> None:
         return
     prod = producers[sharing[site.layer]]
     att.kv_core.set_producer(prod)
-    att.kv_core.plan = LayerPlan(head_map=prod.plan.head_map or site.kv_head_map)
+    att.kv_core.plan = dataclasses.replace(prod.plan, keep=None, head_map=prod.plan.head_map or site.kv_head_map)
     report.removed[site.name] = att.drop_kv_inputs()
     _count(report, "cross_layer")
 
@@ -204,7 +206,7 @@ def _prepare_caches(model: nn.Module, args, kwargs):
     cores = [m.kv_core for m in model.modules() if isinstance(m, KVAttention)]
     for cache in find_caches(kwargs):
         for c in sorted(cores, key=lambda c: c.producer is not None):
-            ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx)
+            ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring())
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:

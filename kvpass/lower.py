@@ -23,7 +23,8 @@ from torch.utils import _pytree as pytree
 
 from . import codegen, reference
 from . import graphutil as gu
-from .cache import ensure_layer, find_caches
+from .blocks import SparsePattern
+from .cache import RingSpec, ensure_layer, find_caches, token_positions
 from .capture import Captured, bind_call, capture_call
 from .errors import SiteError
 from .policy import Form
@@ -56,11 +57,30 @@ class LayerPlan:
     """How one layer stores and reads its cache (what the passes decided).
 
     ``keep``: the heads of ``k_pre``/``v_pre`` that are stored (None: all);
-    ``head_map[h]``: which stored head query head ``h`` reads (None: the site's map).
+    ``head_map[h]``: which stored head query head ``h`` reads (None: the site's map);
+    ``window``/``sinks``: each query sees its last ``window`` tokens and the first ``sinks``;
+    ``pattern``: a block-sparse pattern.  With a window or pattern the layer is *positional*:
+    visibility comes from token positions (the graph's mask only says which tokens are
+    padding) and the cache is a :class:`~kvpass.cache.KVRingLayer`.
     """
 
     keep: tuple[int, ...] | None = None
     head_map: tuple[int, ...] | None = None
+    window: int | None = None
+    sinks: int = 0
+    pattern: SparsePattern | None = None
+
+    @property
+    def positional(self) -> bool:
+        return self.window is not None or self.pattern is not None
+
+    def ring(self) -> RingSpec | None:
+        """The cache layout (None: the plain full cache)."""
+        if self.window is not None:
+            return RingSpec(pinned=self.sinks, ring=self.window)
+        if self.pattern is not None:
+            return self.pattern.ring()
+        return None
 
 
 class KVCore(nn.Module):
@@ -87,6 +107,10 @@ class KVCore(nn.Module):
     def set_producer(self, core: KVCore | None) -> None:
         self._producer = [] if core is None else [core]
 
+    def ring(self) -> RingSpec | None:
+        """How this layer's cache slot stores tokens (None: the plain full cache)."""
+        return self.plan.ring() if self.plan.positional else None
+
     def stored_heads(self) -> int:
         return self.spec.num_kv_heads if self.plan.keep is None else len(self.plan.keep)
 
@@ -99,11 +123,11 @@ class KVCore(nn.Module):
     def forward(self, q, k=None, v=None, mask=None):
         for tap in self.taps:
             tap(q, k, v)
+        if self.plan.positional:
+            return self._forward_positional(q, k, v, mask)
         producer = self.producer
         if producer is None:
-            if self.plan.keep is not None:
-                idx = torch.tensor(self.plan.keep, device=k.device)
-                k, v = k.index_select(1, idx), v.index_select(1, idx)
+            k, v = self._select(k, v)
             if self._cache is not None:
                 k, v = ensure_layer(self._cache, self.layer_idx).update(k, v)
             self._last = (k, v)
@@ -123,22 +147,90 @@ class KVCore(nn.Module):
                                        causal=s.causal, softcap=s.softcap, mask=mask)
         return codegen.attention(q, k, v, spec, mask=mask)  # kernels on GPU, reference on CPU
 
+    def _select(self, k, v):
+        if self.plan.keep is None:
+            return k, v
+        idx = torch.tensor(self.plan.keep, device=k.device)
+        return k.index_select(1, idx), v.index_select(1, idx)
+
+    def _forward_positional(self, q, k, v, mask):
+        """Window / block-sparse layers: tokens carry positions; the graph mask gives padding."""
+        B, _, Sq, _ = q.shape
+        producer = self.producer
+        if producer is None:
+            valid = _new_tokens_valid(mask, self.spec.mask_kind, B, Sq, self.layer_idx).to(q.device)
+            k, v = self._select(k, v)
+            if self._cache is not None:
+                layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring())
+                k, v, q_pos, k_pos = layer.update(k, v, valid)
+                limit = layer.get_seq_length()
+            else:
+                q_pos = k_pos = token_positions(valid)
+                limit = Sq
+            self._last = (k, v, q_pos, k_pos, limit)
+        elif self._cache is not None:
+            layer = ensure_layer(self._cache, self.layer_idx, source=producer.layer_idx).source
+            k, v, q_pos, k_pos = layer.step
+            limit = layer.get_seq_length()
+        else:
+            k, v, q_pos, k_pos, limit = producer._last
+        s, plan = self.spec, self.plan
+        head_map = tuple(plan.head_map or s.kv_head_map)
+        table, block = None, None
+        if plan.pattern is not None:
+            block = plan.pattern.block
+            table = plan.pattern.table(-(-limit // block)).table.to(q.device)
+        args = dict(window=plan.window, sinks=plan.sinks, block=block)
+        spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,
+                            has_block_mask=table is not None, **args)
+        if spec is None or (torch.is_grad_enabled() and q.requires_grad):
+            return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
+                                       softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table, **args)
+        return codegen.attention(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, block_mask=table)
+
     def extra_repr(self) -> str:
         s = self.spec
         src = f", reads layer {self.producer.layer_idx}" if self.producer is not None else ""
+        p = self.plan
+        vis = f", window={p.window}, sinks={p.sinks}" if p.window is not None else ""
+        vis += f", pattern={p.pattern}" if p.pattern is not None else ""
         return (f"layer={self.layer_idx}, heads={s.num_heads}, kv_heads={self.stored_heads()}/"
-                f"{s.num_kv_heads}, head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}{src}")
+                f"{s.num_kv_heads}, head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}{vis}{src}")
 
 
 @functools.lru_cache(maxsize=4096)
-def _kernel_spec(s: CoreSpec, head_map: tuple[int, ...], kv_heads: int, dtype: str, has_mask: bool):
+def _kernel_spec(s: CoreSpec, head_map: tuple[int, ...], kv_heads: int, dtype: str, has_mask: bool,
+                 window: int | None = None, sinks: int = 0, block: int | None = None,
+                 has_block_mask: bool = False):
     """The kernel spec of a layer's attention (None where no generated kernel applies)."""
     try:
         return codegen.KernelSpec(num_heads=s.num_heads, num_kv_heads=kv_heads, head_dim=s.head_dim,
                                   kv_head_map=head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
-                                  has_mask=has_mask, dtype=dtype)
+                                  has_mask=has_mask, dtype=dtype, window=window,
+                                  sinks=sinks if window is not None else 0, block=block,
+                                  has_block_mask=has_block_mask)
     except codegen.CodegenError:
         return None
+
+
+def _new_tokens_valid(mask, kind: str, batch: int, sq: int, layer: int) -> torch.Tensor:
+    """Which of the ``sq`` new tokens are real (not padding): a token always sees itself, so
+    the diagonal of the mask's last ``sq`` columns (the new keys) is True exactly for real ones."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return torch.ones(batch, sq, dtype=torch.bool)
+    if mask.shape[-1] < sq:
+        raise SiteError(f"layer {layer}: mask has {mask.shape[-1]} key columns for {sq} new tokens")
+    m = mask[..., -sq:] if mask.shape[-1] > 1 else mask
+    if kind == "bool_drop":
+        keep = ~m.bool()
+    elif m.dtype == torch.bool:
+        keep = m
+    else:
+        keep = torch.isfinite(m) & (m > torch.finfo(m.dtype).min)
+    while keep.dim() < 4:
+        keep = keep[None]
+    keep = keep[:, :1].expand(batch, 1, sq, sq)[:, 0]
+    return keep.diagonal(dim1=-2, dim2=-1).to(torch.bool)
 
 
 def _prepare_mask(mask, kind: str, k_len: int):

@@ -49,7 +49,7 @@ def visibility(
     causal: bool,
     window: int | None = None,
     sinks: int = 0,
-    block_mask: Tensor | None = None,  # [nQB, nKB] bool
+    block_mask: Tensor | None = None,  # [nQB, nKB] bool or int (nonzero = visible)
     block: int | None = None,
 ) -> Tensor:
     """Boolean [B, 1, Sq, Sk]: which keys each query may see, from positions alone."""
@@ -64,7 +64,7 @@ def visibility(
         assert block is not None, "block_mask needs block"
         qb = (qp // block).clamp(0, block_mask.shape[0] - 1)
         kb = (kp.clamp(min=0) // block).clamp(0, block_mask.shape[1] - 1)
-        vis = vis & block_mask[qb, kb]
+        vis = vis & (block_mask[qb, kb] != 0)  # bool, or a kvpass.blocks.BlockTable's int8
     return vis
 
 

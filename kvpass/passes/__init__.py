@@ -8,9 +8,9 @@ calibration statistics (:class:`kvpass.calibrate.KVStats`).
 
 from __future__ import annotations
 
-from . import shared_kv
+from . import shared_kv, sparse, window
 
-PASSES = {"shared_kv": shared_kv.apply}
+PASSES = {"shared_kv": shared_kv.apply, "window": window.apply, "sparse": sparse.apply}
 
 
 def needs_stats(form) -> bool:

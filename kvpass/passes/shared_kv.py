@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -216,5 +217,5 @@ def apply(att: KVAttention, site: AttentionSite, form: SharedKV, weights: dict, 
         groups = contiguous_groups(site.num_kv_heads, n)
     merge(weights, site, groups, head_map, form.merge, stats)
     group_of = {h: i for i, gr in enumerate(groups) for h in gr}
-    return LayerPlan(keep=tuple(gr[0] for gr in groups),
-                     head_map=tuple(group_of[head_map[h]] for h in range(site.num_heads)))
+    return dataclasses.replace(att.kv_core.plan, keep=tuple(gr[0] for gr in groups),
+                               head_map=tuple(group_of[head_map[h]] for h in range(site.num_heads)))
