@@ -20,7 +20,7 @@ from .passes import PASSES, needs_stats
 from .policy import Form, Full, Policy
 from .sites import AttentionSite, find_sites_in
 
-__all__ = ["optimize", "kv_bytes_per_token", "Report"]
+__all__ = ["optimize", "kv_bytes_per_token", "kv_cache_bytes", "Report"]
 
 IMPLEMENTED = {"full", *PASSES}  # form kinds optimize can lower
 
@@ -212,7 +212,8 @@ def _prepare_caches(model: nn.Module, args, kwargs):
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """KV-cache bytes one token adds, summed over layers, for an optimised or plain model.
 
-    For a plain model the original layout (2·Hkv·D values per layer) is assumed.
+    For a plain model the original layout (2·Hkv·D values per layer) is assumed.  Windowed
+    and block-local layers add this only until their ring is full: see :func:`kv_cache_bytes`.
     """
     mods = [m for m in model.modules() if isinstance(m, KVAttention)]
     report = getattr(model, "_kvpass", None)
@@ -222,4 +223,34 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> in
     lowered = {m.site.name for m in mods}
     sites = report.sites if report is not None else find_sites_in(capture(model))
     total += sum(s.kv_values_per_token() * size for s in sites if s.name not in lowered)
+    return total
+
+
+def kv_cache_bytes(model: nn.Module, tokens: int, batch: int = 1, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the KV cache after ``tokens`` tokens (per the layers' layouts: rings stop
+    growing at their capacity; a model's own sliding layers keep ``window - 1`` tokens).
+
+    Example:
+        >>> import kvpass
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> m = kvpass.optimize(LlamaForCausalLM(cfg).eval(), kvpass.Window(size=8, sinks=2))
+        >>> kvpass.kv_cache_bytes(m, 1000) == kvpass.kv_cache_bytes(m, 10)  # 10 slots per layer
+        True
+    """
+    mods = [m for m in model.modules() if isinstance(m, KVAttention)]
+    report = getattr(model, "_kvpass", None)
+    dtype = dtype or next(model.parameters()).dtype
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for m in mods:
+        n = tokens if m.site.window is None or m.kv_core.plan.positional else min(tokens, m.site.window - 1)
+        total += m.kv_core.cache_bytes(n, dtype, batch)
+    lowered = {m.site.name for m in mods}
+    sites = report.sites if report is not None else find_sites_in(capture(model))
+    for s in sites:
+        if s.name not in lowered:
+            n = tokens if s.window is None else min(tokens, s.window - 1)
+            total += batch * n * s.kv_values_per_token() * size
     return total

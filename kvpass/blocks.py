@@ -127,7 +127,9 @@ def _table(p: SparsePattern, n: int) -> Tensor:
     else:
         vis = (qb - kb).abs() < p.local
     vis = vis | (kb < p.global_blocks)
-    if not p.causal:
+    if p.causal:
+        vis = vis & (kb <= qb)
+    else:
         vis = vis | (qb < p.global_blocks)
     if p.random:
         for i in range(n):
@@ -136,6 +138,6 @@ def _table(p: SparsePattern, n: int) -> Tensor:
             for j in rng.sample(pool, min(p.random, len(pool))):
                 vis[i, j] = True
     table = torch.where(vis, FULL, SKIP)
-    if p.causal:
+    if p.causal and p.block > 1:
         table = torch.where(vis & (kb == qb), PARTIAL, table)  # the diagonal block: k <= q inside
     return table.to(torch.int8)

@@ -23,6 +23,7 @@ import inspect
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -76,7 +77,7 @@ def long_range_perplexity(
     total, count = 0.0, 0
     for row in tqdm(range(0, len(chunks), batch_size), desc="long-range perplexity", disable=not progress):
         ids = chunks[row : row + batch_size].to(device)  # [B, S]
-        logits = _last_logits(model, ids, seq - start + 1)[:, :-1]  # [B, S-start, V]: predict start..S-1
+        logits = _last_logits(model, ids, seq - start)  # [B, S-start, V]: predict start..S-1
         targets = ids[:, start:]  # [B, S-start]
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
@@ -123,7 +124,8 @@ def passkey_prompt(
     The prompt is ``filler`` (default :data:`DEFAULT_FILLER`; any text, cut into
     sentences and cycled as needed), with ``"The pass key is {key}. Remember it.
     {key} is the pass key."`` inserted at the sentence boundary nearest to the
-    fraction ``depth`` of the filler's tokens, then ``"What is the pass key? The
+    fraction ``depth`` of the filler's tokens (or the nearest word start, when
+    sentences are long next to the prompt), then ``"What is the pass key? The
     pass key is"``. Returns ``(prompt_ids [1, L], answer_ids [k])``: tokenizing
     ``prompt + " " + key`` gives exactly ``prompt_ids`` followed by ``answer_ids``
     (should the tokenizer merge a token across that boundary, the merged token
@@ -147,10 +149,10 @@ def passkey_prompt(
     fixed = len(prefix) + len(_ids(tokenizer, " " + needle)) + len(_ids(tokenizer, " " + QUESTION))
     if length < fixed:
         raise ValueError(f"length {length} is shorter than the passkey sentence and question ({fixed} tokens)")
-    stream, starts = _filler_stream(tokenizer, sentences, length)
+    stream = _filler_stream(tokenizer, sentences, length)
     best, n_filler = None, length - fixed
     for _ in range(4):  # tokens do not add exactly across the joins: correct the filler size
-        text = _assemble(stream, starts, n_filler, depth, needle)
+        text = _assemble(stream, n_filler, depth, needle)
         size = len(prefix) + len(_ids(tokenizer, text))
         if best is None or abs(size - length) < abs(best[1] - length):
             best = (text, size)
@@ -274,14 +276,15 @@ def plot_passkey(results: dict[str, dict], path: str | os.PathLike) -> str:
 
 
 class _Stream:
-    """Filler text with its tokens' end offsets (characters)."""
+    """Filler text, its tokens' end offsets, and where its sentences and words start (characters)."""
 
-    def __init__(self, text: str, ends: list[int]):
-        self.text, self.ends = text, ends
+    def __init__(self, text: str, ends: list[int], sentences: list[int]):
+        self.text, self.ends, self.sentences = text, ends, sentences
+        self.words = [m.start() for m in re.finditer(r"(?<=\s)\S", text)]
 
 
-def _filler_stream(tokenizer: PreTrainedTokenizerBase, sentences: tuple[str, ...], n_tokens: int):
-    """Sentences cycled and joined by spaces until at least ``n_tokens`` tokens; sentence starts."""
+def _filler_stream(tokenizer: PreTrainedTokenizerBase, sentences: tuple[str, ...], n_tokens: int) -> _Stream:
+    """Sentences cycled and joined by spaces until at least ``n_tokens`` tokens."""
     chars = 6 * n_tokens + 256  # English runs about 4 characters a token
     while True:
         parts, size, k = [], 0, 0
@@ -298,15 +301,25 @@ def _filler_stream(tokenizer: PreTrainedTokenizerBase, sentences: tuple[str, ...
     for part in parts:
         starts.append(pos)
         pos += len(part) + 1
-    return _Stream(text, [end for _, end in enc["offset_mapping"]]), starts
+    return _Stream(text, [end for _, end in enc["offset_mapping"]], starts)
 
 
-def _assemble(stream: _Stream, starts: list[int], n_filler: int, depth: float, needle: str) -> str:
-    """``n_filler`` filler tokens with ``needle`` at the sentence start nearest ``depth``, then the question."""
+def _assemble(stream: _Stream, n_filler: int, depth: float, needle: str) -> str:
+    """``n_filler`` filler tokens with ``needle`` inserted at ``depth`` of them, then the question.
+
+    The needle goes at the nearest sentence start, or the nearest word start when no
+    sentence starts within 2% (at least 4 tokens) of the target, as with long sentences.
+    """
     cut = stream.ends[n_filler - 1] if n_filler > 0 else 0  # filler text is stream.text[:cut]
-    bounds = [c for c in starts if c < cut] + [cut]
     target = depth * n_filler
-    at = min(bounds, key=lambda c: abs(bisect.bisect_right(stream.ends, c) - target))
+
+    def nearest(starts: list[int]) -> tuple[float, int]:
+        bounds = [*starts[: bisect.bisect_left(starts, cut)], cut]
+        return min((abs(bisect.bisect_right(stream.ends, c) - target), c) for c in bounds)
+
+    off, at = nearest(stream.sentences)
+    if off > max(4.0, 0.02 * n_filler):
+        off, at = nearest(stream.words)
     parts = [stream.text[:at].strip(), needle, stream.text[at:cut].strip(), QUESTION]
     return " ".join(p for p in parts if p)
 

@@ -120,6 +120,17 @@ class KVCore(nn.Module):
         size = torch.empty((), dtype=dtype).element_size()
         return 2 * self.stored_heads() * self.spec.head_dim * size
 
+    def cache_bytes(self, tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
+        """Bytes this layer's cache slot holds after ``tokens`` tokens (what ``cache_nbytes``
+        measures): a ring holds at most its capacity, plus one int64 position per slot."""
+        if self.producer is not None:
+            return 0
+        ring = self.ring()
+        if ring is None:
+            return batch * tokens * self.bytes_per_token(dtype)
+        slots = tokens if ring.capacity is None else min(tokens, ring.capacity)
+        return batch * slots * (self.bytes_per_token(dtype) + 8)
+
     def forward(self, q, k=None, v=None, mask=None):
         for tap in self.taps:
             tap(q, k, v)

@@ -25,7 +25,7 @@ Example:
     >>> m = kvpass.optimize(LlamaForCausalLM(cfg).eval(), kvpass.Sparse(block=4, local=2, global_tokens=4))
     >>> out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, do_sample=False,
     ...                  return_dict_in_generate=True)
-    >>> [layer.keys.shape[2] for layer in out.past_key_values.layers]  # 1 global + 2 local blocks
+    >>> [layer.keys.shape[2] for layer in out.cache.layers]  # 1 global + 2 local blocks
     [12, 12]
 """
 

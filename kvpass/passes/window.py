@@ -24,7 +24,7 @@ Example:
     >>> m = kvpass.optimize(LlamaForCausalLM(cfg).eval(), kvpass.Window(size=8, sinks=2))
     >>> out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, do_sample=False,
     ...                  return_dict_in_generate=True)
-    >>> [layer.keys.shape[2] for layer in out.past_key_values.layers]  # 10 slots, not 22
+    >>> [layer.keys.shape[2] for layer in out.cache.layers]  # 10 slots, not 22
     [10, 10]
 """
 

@@ -1,0 +1,276 @@
+"""Window and Sparse: exact where the rule hides nothing, equal to the masked reference
+everywhere, ring buffers equal to one prefill, bounded caches, no NaN."""
+
+import families as fam
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import kvpass
+from kvpass import reference
+from kvpass.blocks import BlockTable, SparsePattern
+from kvpass.cache import KVRingLayer, RingSpec, cache_nbytes, token_positions
+from kvpass.errors import SiteError
+from kvpass.passes.sparse import pattern_of
+
+
+def _llama(layers=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    return fam.llama(num_hidden_layers=layers, **kw).eval()
+
+
+def _stepwise(model, ids, first, cfg):
+    """Logits of a prefill of ``first`` tokens then one token at a time, through one cache."""
+    cache = DynamicCache(config=cfg)
+    outs = [model(ids[:, :first], cache=cache, use_cache=True).logits]
+    for t in range(first, ids.shape[1]):
+        outs.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(outs, 1), cache
+
+
+# ----------------------------------------------------------------------------- reference level
+@settings(max_examples=25, deadline=None)
+@given(sq=st.integers(1, 40), w=st.integers(1, 16), s=st.integers(0, 4), heads=st.sampled_from([(4, 2), (2, 1)]))
+def test_short_sequences_are_exact(sq, w, s, heads):
+    """Length <= W + S: every earlier token is a sink or inside the window."""
+    h, hkv = heads
+    sq = min(sq, w + s)
+    q, k, v = torch.randn(1, h, sq, 16), torch.randn(1, hkv, sq, 16), torch.randn(1, hkv, sq, 16)
+    full = reference.attention(q, k, v, causal=True)
+    win = reference.attention(q, k, v, causal=True, window=w, sinks=s)
+    assert torch.allclose(full, win, atol=1e-6)
+
+
+def _dense_window_mask(n, w, s):
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    return (j <= i) & ((i - j < w) | (j < s))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 60), w=st.integers(1, 12), s=st.integers(0, 4), data=st.data())
+def test_ring_layer_equals_masked_reference(n, w, s, data):
+    """Feeding any chunking through a ring of W + S slots == the dense masked reference."""
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=5))) - {n})
+    q, k, v = torch.randn(2, 4, n, 16), torch.randn(2, 2, n, 16), torch.randn(2, 2, n, 16)
+    want = reference.attention(q, k, v, mask=_dense_window_mask(n, w, s))
+    layer, outs = KVRingLayer(RingSpec(pinned=s, ring=w)), []
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        kk, vv, qp, kp = layer.update(k[:, :, a:b], v[:, :, a:b])
+        outs.append(reference.attention(q[:, :, a:b], kk, vv, causal=True, q_pos=qp, k_pos=kp, window=w, sinks=s))
+        assert layer.keys.shape[2] <= w + s
+    assert torch.allclose(torch.cat(outs, 2), want, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 70), block=st.sampled_from([2, 4, 8]), local=st.integers(1, 3), glob=st.integers(0, 9),
+       data=st.data())
+def test_block_ring_keeps_every_visible_key(n, block, local, glob, data):
+    """A sparse ring (global blocks + last L blocks, whole-block eviction) == dense pattern."""
+    pat = SparsePattern(block=block, local=local, global_blocks=-(-glob // block), random=0, seed=0, causal=True)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=5))) - {n})
+    q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 1, n, 16), torch.randn(1, 1, n, 16)
+    tab = pat.table(-(-n // block))
+    want = reference.attention(q, k, v, mask=tab.to_dense(n, causal=True))
+    layer, outs = KVRingLayer(pat.ring()), []
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        kk, vv, qp, kp = layer.update(k[:, :, a:b], v[:, :, a:b])
+        outs.append(reference.attention(q[:, :, a:b], kk, vv, causal=True, q_pos=qp, k_pos=kp,
+                                        block_mask=tab.table, block=block))
+        assert layer.keys.shape[2] <= pat.ring().capacity
+    assert torch.allclose(torch.cat(outs, 2), want, atol=1e-5)
+
+
+def test_no_nan_for_sink_only_and_padded_rows():
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16)
+    k_pos = torch.tensor([[0, 1, -1, -1, -1, -1]])  # only the two sinks are stored
+    q_pos = torch.tensor([[100, -1, 1]])  # far query (sees only sinks), a padded row, a near one
+    out = reference.attention(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos, window=4, sinks=2)
+    assert torch.isfinite(out).all()
+    assert out[0, :, 1].abs().max() == 0  # padded row -> zeros
+    sink_only = torch.softmax((q[0, :, 0] @ k[0, 0, :2].T) * 16**-0.5, -1) @ v[0, 0, :2]
+    assert torch.allclose(out[0, :, 0], sink_only, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- block tables
+@settings(max_examples=30, deadline=None)
+@given(nb=st.integers(1, 12), block=st.sampled_from([1, 3, 4]), local=st.integers(1, 4), glob=st.integers(0, 3),
+       rnd=st.integers(0, 3), seed=st.integers(0, 5), causal=st.booleans())
+def test_block_table_dense_round_trip(nb, block, local, glob, rnd, seed, causal):
+    pat = SparsePattern(block=block, local=local, global_blocks=glob, random=rnd, seed=seed, causal=causal)
+    tab = pat.table(nb)
+    n = nb * block
+    dense = tab.to_dense(n, causal=causal)
+    back = BlockTable.from_dense(dense, block)
+    assert torch.equal(back.table, tab.table)  # full/partial flags survive too
+    assert torch.equal(back.to_dense(n, causal=causal), dense)
+    assert torch.equal(pat.table(nb + 3).table[:nb, :nb], tab.table)  # prefix-stable random draws
+    for qb in range(nb):
+        assert tab.kv_indices(qb) == tab.visible[qb].nonzero().flatten().tolist()
+
+
+def test_block_table_from_awkward_lengths():
+    mask = torch.ones(10, 7, dtype=torch.bool).tril()
+    tab = BlockTable.from_dense(mask, 4)
+    assert tab.table.tolist() == [[1, 0], [2, 1], [2, 2]]
+    assert torch.equal(tab.to_dense(10, 7) & mask, mask)
+
+
+# ----------------------------------------------------------------------------- model level
+@settings(max_examples=6, deadline=None)
+@given(w=st.integers(2, 10), s=st.integers(0, 3), n=st.integers(2, 13))
+def test_window_model_exact_when_short(w, s, n):
+    model = _llama()
+    fast = kvpass.optimize(model, kvpass.Window(size=w, sinks=s))
+    ids = torch.randint(1, fam.VOCAB, (2, min(n, w + s)))
+    with torch.no_grad():
+        assert (fast(ids).logits - model(ids).logits).abs().max() <= 1e-5
+
+
+def test_window_model_equals_attention_over_kept_tokens():
+    """Independent ground truth: for one layer, the last query's output under Window(W, S)
+    is the original model's output on just the sinks and the last W tokens (same positions)."""
+    model = _llama(layers=1)
+    w, s = 7, 3
+    fast = kvpass.optimize(model, kvpass.Window(size=w, sinks=s))
+    ids = torch.randint(1, fam.VOCAB, (1, 33))
+    keep = [*range(s), *range(33 - w, 33)]
+    with torch.no_grad():
+        got = fast(ids).logits[0, -1]
+        want = model(ids[:, keep], position_ids=torch.tensor([keep])).logits[0, -1]
+        assert (got - want).abs().max() <= 1e-5
+        assert (fast(ids).logits[0, -1] - model(ids).logits[0, -1]).abs().max() > 1e-4  # the window matters
+
+
+FORMS = [kvpass.Window(size=5, sinks=2), kvpass.Window(size=4, sinks=0),
+         [kvpass.SharedKV(kv_heads=1), kvpass.Window(size=6, sinks=1)],
+         kvpass.Sparse(block=4, local=2, global_tokens=3), kvpass.Sparse(block=4, local=1, global_tokens=4, random=1),
+         [kvpass.SharedKV(kv_heads=1), kvpass.Sparse(block=2, local=2, global_tokens=2)]]
+
+
+@settings(max_examples=8, deadline=None)
+@given(form=st.sampled_from(FORMS), n=st.integers(12, 30), first=st.integers(1, 6))
+def test_decode_equals_prefill(form, n, first):
+    """Ring buffer: N tokens one by one (after a short prefill) == one prefill of N tokens."""
+    model = _llama(layers=2)
+    fast = kvpass.optimize(model, form)
+    ids = torch.randint(1, fam.VOCAB, (2, n))
+    with torch.no_grad():
+        whole = fast(ids).logits
+        step, cache = _stepwise(fast, ids, first, model.config)
+    assert (whole - step).abs().max() <= 1e-4
+    assert all(isinstance(layer, KVRingLayer) for layer in cache.layers)
+
+
+def test_padding_matches_unpadded_and_generation():
+    model = _llama(layers=2)
+    fast = kvpass.optimize(model, kvpass.Window(size=5, sinks=2))
+    a = torch.randint(1, fam.VOCAB, (1, 14))
+    b = torch.randint(1, fam.VOCAB, (1, 18))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        out = fast(batch, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        assert torch.isfinite(out).all()
+        assert (out[0, 4:] - fast(a).logits[0]).abs().max() <= 1e-5
+        assert (out[1] - fast(b).logits[0]).abs().max() <= 1e-5
+    gen = fast.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    alone = fast.generate(a, max_new_tokens=10, do_sample=False)
+    assert torch.equal(gen[0, 4:], alone[0])
+
+
+def test_cache_stays_bounded_and_measured():
+    model = _llama(layers=2)
+    w, s = 6, 2
+    fast = kvpass.optimize(model, kvpass.Window(size=w, sinks=s))
+    sizes = []
+    ids = torch.randint(1, fam.VOCAB, (1, 3))
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = fast(ids, cache=cache, use_cache=True)
+        for _ in range(30):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = fast(nxt, cache=cache, use_cache=True)
+            sizes.append(cache_nbytes(cache))
+    assert max(sizes) == sizes[-1] == kvpass.kv_cache_bytes(fast, 33) == kvpass.kv_cache_bytes(fast, w + s)
+    assert kvpass.kv_cache_bytes(fast, 33) < kvpass.kv_cache_bytes(kvpass.optimize(model), 33)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [w + s, w + s]
+
+
+def test_savings_multiply_and_hybrid_policy():
+    model = _llama(layers=4)
+    n = 200
+    full = kvpass.kv_cache_bytes(kvpass.optimize(model), n)
+    win = kvpass.kv_cache_bytes(kvpass.optimize(model, kvpass.Window(size=16, sinks=4)), n)
+    both = kvpass.kv_cache_bytes(kvpass.optimize(model, [kvpass.SharedKV(kv_heads=1), kvpass.Window(size=16, sinks=4)]),
+                                 n)
+    heads_only = kvpass.kv_cache_bytes(kvpass.optimize(model, kvpass.SharedKV(kv_heads=1)), n)
+    # 2 -> 1 KV heads halves the K/V bytes; the positions (one int64 per slot) are not per head
+    assert both - 4 * 20 * 8 == (win - 4 * 20 * 8) // 2
+    assert heads_only == full // 2
+    hybrid = kvpass.Policy(default=kvpass.Window(size=16, sinks=4), layers={"0": kvpass.Full()})
+    fast = kvpass.optimize(model, hybrid)
+    ids = torch.randint(1, fam.VOCAB, (1, 40))
+    with torch.no_grad():
+        whole = fast(ids).logits
+        step, cache = _stepwise(fast, ids, 30, model.config)
+    assert (whole - step).abs().max() <= 1e-4
+    assert [type(x).__name__ for x in cache.layers] == ["KVCacheLayer"] + ["KVRingLayer"] * 3
+    assert cache_nbytes(cache) == kvpass.kv_cache_bytes(fast, 40)
+
+
+def test_gemma3_sliding_layers_and_policy_windows():
+    """A hybrid sliding/global model: under Window every slot becomes a ring while HF keeps
+    building masks per layer type (the rings report the sizes of the layers they replaced)."""
+    torch.manual_seed(0)
+    model = fam.gemma3().eval()
+    ids = torch.randint(1, fam.VOCAB, (2, 24))
+    for policy in [kvpass.Window(size=8, sinks=2),
+                   kvpass.Policy(default=kvpass.Full(), layers={"2": kvpass.Window(size=8, sinks=2)})]:
+        fast = kvpass.optimize(model, policy)
+        with torch.no_grad():
+            whole = fast(ids).logits
+            step, cache = _stepwise(fast, ids, 9, model.config)
+        assert (whole - step).abs().max() <= 1e-4
+    kept = kvpass.optimize(model, kvpass.Full())  # the model's own windows stay
+    with torch.no_grad():
+        assert (kept(ids).logits - model(ids).logits).abs().max() <= 1e-5
+
+
+def test_sparse_covering_pattern_is_exact_and_bidirectional():
+    model = _llama(layers=2)
+    ids = torch.randint(1, fam.VOCAB, (2, 21))
+    covering = kvpass.optimize(model, kvpass.Sparse(block=4, local=6, global_tokens=0))
+    with torch.no_grad():
+        assert (covering(ids).logits - model(ids).logits).abs().max() <= 1e-5
+    torch.manual_seed(0)
+    bert = fam.bert().eval()
+    site = kvpass.find_sites(bert)[0]
+    assert not site.causal and not pattern_of(site, kvpass.Sparse()).bounded
+    enc = kvpass.optimize(bert, kvpass.Sparse(block=4, local=2, global_tokens=4))
+    full = kvpass.optimize(bert, kvpass.Sparse(block=4, local=8, global_tokens=0))
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, 15:] = 0
+    with torch.no_grad():
+        a = enc(ids, attention_mask=mask).last_hidden_state
+        b = full(ids, attention_mask=mask).last_hidden_state
+        want = bert(ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(a).all()
+    assert (b - want)[0].abs().max() <= 1e-5 and (b - want)[1, :15].abs().max() <= 1e-5
+    assert (a - want).abs().max() > 1e-3  # the sparse pattern does change an encoder
+
+
+def test_errors_name_the_module():
+    bert = fam.bert().eval()
+    with pytest.raises(SiteError, match=r"encoder\.layer\.0.*bidirectional"):
+        kvpass.optimize(bert, kvpass.Window(size=4))
+    with pytest.raises(SiteError, match=r"layers\.0.*cannot be composed"):
+        kvpass.optimize(_llama(), [kvpass.Window(size=4), kvpass.Sparse()])
+
+
+def test_token_positions_skip_padding():
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    assert token_positions(valid, torch.tensor([5, 0])).tolist() == [[-1, -1, 5, 6], [0, 1, 2, 3]]
