@@ -77,7 +77,7 @@ def long_range_perplexity(
     total, count = 0.0, 0
     for row in tqdm(range(0, len(chunks), batch_size), desc="long-range perplexity", disable=not progress):
         ids = chunks[row : row + batch_size].to(device)  # [B, S]
-        logits = _last_logits(model, ids, seq - start)  # [B, S-start, V]: predict start..S-1
+        logits = _last_logits(model, ids, seq - start + 1)[:, :-1]  # [B, S-start, V]: predict start..S-1
         targets = ids[:, start:]  # [B, S-start]
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
