@@ -5,7 +5,7 @@
     ['full', 'mhc', 'shared_kv', 'sparse', 'window']
 """
 
-from .api import Report, kv_bytes_per_token, kv_cache_bytes, optimize
+from .api import Report, kv_bytes_per_token, kv_cache_bytes, optimize, retarget
 from .capture import Captured, capture
 from .errors import CaptureError, KVPassError, PolicyError, SiteError
 from .policy import FORMS, MHC, Form, Full, Policy, SharedKV, Sparse, Window
@@ -13,7 +13,7 @@ from .sites import AttentionSite, find_sites
 
 __version__ = "0.1.0"
 __all__ = [
-    "optimize", "kv_bytes_per_token", "kv_cache_bytes", "Report", "capture", "Captured", "find_sites", "AttentionSite",
+    "optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report", "capture", "Captured", "find_sites", "AttentionSite",
     "Policy", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "FORMS",
     "KVPassError", "CaptureError", "SiteError", "PolicyError",
 ]

@@ -15,12 +15,14 @@ from .calibrate import LayerFeeder, calibration_ids, collect_stats, record_all, 
 from .capture import capture, default_example_inputs, run_cache_free
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
-from .lower import KVAttention, KVCore, lower_site, record_calls
+from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
 from .passes import PASSES, needs_stats
 from .policy import Form, Full, Policy
 from .sites import AttentionSite, find_sites_in
 
-__all__ = ["optimize", "kv_bytes_per_token", "kv_cache_bytes", "Report"]
+__all__ = ["optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report"]
+
+VISIBILITY_FORMS = ("full", "window", "sparse")  # forms that change no weights
 
 IMPLEMENTED = {"full", *PASSES}  # form kinds optimize can lower
 
@@ -130,6 +132,41 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, pr
                                        desc=f"heal {site.name}", progress=progress, targets=targets)
             report.heal[site.name] = (before, after)
             _count(report, "healed")
+
+
+def retarget(model: nn.Module, policy) -> nn.Module:
+    """Give an optimised model other *visibility* forms in place, without capturing again.
+
+    Only forms that change no weights (``Full``, ``Window``, ``Sparse``) on layers whose heads
+    and sharing are not changed; what results equals ``optimize(original, policy)``.  Cheap
+    (no trace): for sweeping windows and patterns over one model.  Caches made before are not
+    valid afterwards.
+
+    Example:
+        >>> import kvpass
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> m = kvpass.optimize(LlamaForCausalLM(cfg).eval())
+        >>> kvpass.kv_cache_bytes(kvpass.retarget(m, kvpass.Window(8, sinks=2)), 100)  # 10 slots
+        2720
+    """
+    policy = Policy.of(policy)
+    weights = dict(model.named_parameters())
+    for att in [m for m in model.modules() if isinstance(m, KVAttention)]:
+        core, site = att.kv_core, att.site
+        forms = policy.forms_for(site.layer, site.name)
+        bad = [f.kind for f in forms if f.kind not in VISIBILITY_FORMS]
+        if bad or core.producer is not None or any(f.kind not in VISIBILITY_FORMS for f in core.forms):
+            raise KVPassError(f"{site.name}: retarget changes only {VISIBILITY_FORMS} forms on layers with "
+                              f"their own heads; this layer has {[f.kind for f in core.forms]}, asked {bad}; "
+                              "use optimize() on the original model")
+        core.plan = LayerPlan()
+        for form in forms:
+            if form.kind != "full":
+                core.plan = PASSES[form.kind](att, site, form, weights, None)
+        core.forms = forms
+    return model
 
 
 def _sharing_groups(lossy: list[AttentionSite], chosen) -> dict[int, int]:

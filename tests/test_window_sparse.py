@@ -286,3 +286,15 @@ def test_errors_name_the_module():
 def test_token_positions_skip_padding():
     valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
     assert token_positions(valid, torch.tensor([5, 0])).tolist() == [[-1, -1, 5, 6], [0, 1, 2, 3]]
+
+
+def test_retarget_equals_optimize():
+    model, fast = _fast(kvpass.Window(size=5, sinks=2))
+    policy = kvpass.Policy(default=kvpass.Sparse(block=4, local=2, global_tokens=4), layers={"1": kvpass.Full()})
+    ids = torch.randint(1, fam.VOCAB, (2, 30))
+    direct = kvpass.optimize(model, policy)
+    other = kvpass.retarget(kvpass.optimize(model), policy)
+    with torch.no_grad():
+        assert (direct(ids).logits - other(ids).logits).abs().max() <= 1e-6
+    with pytest.raises(kvpass.KVPassError, match="retarget"):
+        kvpass.retarget(other, kvpass.SharedKV(kv_heads=1))

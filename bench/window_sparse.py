@@ -1,0 +1,186 @@
+"""Windowed and sparse attention on SmolLM2-135M: quality, long-range recall, cache bytes.
+
+One run compares the original model with each policy on held-out text (Emma; nothing is
+calibrated, so no calibration text is needed):
+
+- perplexity of ``--len-a``-token chunks and of ``--len-b``-token chunks;
+- long-range perplexity: only targets at positions >= ``--late`` of the long chunks;
+- passkey retrieval over lengths x depths, counted only where the original succeeds;
+- KV-cache bytes at both lengths (``kvpass.kv_cache_bytes``) and the ratio to the original;
+- a greedy generation of ``--gen`` tokens with ``Window(512, sinks=4)`` and with the original
+  model, cache bytes measured from the cache tensors after every step (plot).
+
+    python bench/window_sparse.py --json bench/results/window_sparse_smollm2.json \\
+        --plot bench/results/window_sparse_cache.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import kvpass
+from kvpass import models
+from kvpass.cache import cache_nbytes, find_caches
+from kvpass.evaluate import long_range_perplexity, passkey_accuracy, passkey_retained, plot_passkey
+from kvpass.evaluate_basic import perplexity
+from kvpass.text import load_text, token_chunks
+
+W = kvpass.Window
+
+
+def policies(n_layers: int, hybrid_full: list[int]) -> dict[str, object]:
+    hybrid = kvpass.Policy(default=W(512, sinks=4), layers={i: kvpass.Full() for i in hybrid_full})
+    return {
+        "window 256, sinks 0": W(256, sinks=0),
+        "window 256, sinks 4": W(256, sinks=4),
+        "window 512, sinks 0": W(512, sinks=0),
+        "window 512, sinks 4": W(512, sinks=4),
+        "window 1024, sinks 0": W(1024, sinks=0),
+        "window 1024, sinks 4": W(1024, sinks=4),
+        # 7 local blocks of 64 + 1 global block = 512 keys per query, like window 512 + sinks
+        "sparse b64 local 7 global 64": kvpass.Sparse(block=64, local=7, global_tokens=64),
+        "sparse b64 local 5 global 64 random 2": kvpass.Sparse(block=64, local=5, global_tokens=64, random=2),
+        f"hybrid: full on layers {hybrid_full}, window 512+4 elsewhere": hybrid,
+    }
+
+
+def measure(model, tok, a_chunks, b_chunks, late, lengths, depths) -> dict:
+    t = time.time()
+    row = {
+        "ppl_a": perplexity(model, a_chunks, batch_size=1, progress=False),
+        "ppl_b": perplexity(model, b_chunks, batch_size=1, progress=False),
+        "long_range_ppl_b": long_range_perplexity(model, b_chunks, start=late, progress=False),
+        "passkey": passkey_accuracy(model, tok, lengths, depths, progress=False),
+    }
+    row["seconds"] = round(time.time() - t, 1)
+    return row
+
+
+def generation_trace(model, ids: torch.Tensor, steps: int, every: int = 16) -> list[tuple[int, int]]:
+    """(tokens in context, cache bytes) after every ``every``-th forward of a greedy generation."""
+    trace, count = [], [0]
+
+    def hook(mod, args, kwargs, out):
+        count[0] += 1
+        caches = find_caches(kwargs)
+        if caches and (count[0] % every == 0 or count[0] == 1):
+            trace.append((caches[0].get_seq_length(), cache_nbytes(caches[0])))
+
+    h = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    finally:
+        h.remove()
+    return trace
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--len-a", type=int, default=2048)
+    ap.add_argument("--chunks-a", type=int, default=4)
+    ap.add_argument("--len-b", type=int, default=4096)
+    ap.add_argument("--chunks-b", type=int, default=2)
+    ap.add_argument("--late", type=int, default=1024, help="long-range perplexity counts targets from here")
+    ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--hybrid-full", type=int, nargs="+", default=[0, 8, 16, 24])
+    ap.add_argument("--only", nargs="*", default=None, help="substrings of policy labels to run")
+    ap.add_argument("--gen", type=int, default=4096, help="tokens to generate for the cache trace (0: skip)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = models.load(args.model)
+    text = load_text("eval")
+    a_chunks = token_chunks(tok, text, args.len_a, args.chunks_a)
+    b_chunks = token_chunks(tok, text, args.len_b, args.chunks_b)
+    n_layers = len(kvpass.find_sites(model))
+    out = {"model": args.model, "text": "emma (held out)", "len_a": args.len_a, "chunks_a": len(a_chunks),
+           "len_b": args.len_b, "chunks_b": len(b_chunks), "late": args.late, "rows": []}
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=1))
+
+    full_bytes = {n: kvpass.kv_cache_bytes(model, n) for n in (args.len_a, args.len_b)}
+    base = measure(model, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths)
+    base.update(label="original", cache_a=full_bytes[args.len_a], cache_b=full_bytes[args.len_b])
+    out["rows"].append(base)
+    print(_fmt(base, base), flush=True)
+    save()
+    grids = {"original": base["passkey"]}
+    lowered = kvpass.optimize(model, kvpass.Full())
+    for label, policy in policies(n_layers, args.hybrid_full).items():
+        if args.only and not any(s in label for s in args.only):
+            continue
+        fast = kvpass.retarget(lowered, policy)  # == optimize(model, policy); no re-trace per policy
+        row = measure(fast, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths)
+        row.update(label=label, policy=kvpass.Policy.of(policy).to_dict(),
+                   cache_a=kvpass.kv_cache_bytes(fast, args.len_a), cache_b=kvpass.kv_cache_bytes(fast, args.len_b))
+        row["passkey_vs_original"] = passkey_retained(base["passkey"], row["passkey"])
+        grids[label] = row["passkey"]
+        out["rows"].append(row)
+        print(_fmt(row, base), flush=True)
+        save()
+    if args.plot:
+        plot_passkey(grids, args.plot.with_name(args.plot.stem + "_passkey.png"))
+    if args.gen:
+        prompt = token_chunks(tok, text, 32, 1)
+        win = kvpass.retarget(lowered, W(512, sinks=4))
+        t = time.time()
+        tw = generation_trace(win, prompt, args.gen)
+        tf = generation_trace(model, prompt, args.gen)
+        at = {n: b for n, b in tw}
+        ref = min((n for n in at if n >= 516), default=None)
+        out["generation"] = {
+            "tokens": args.gen, "window": [512, 4], "window_trace": tw, "full_trace": tf,
+            "window_peak_bytes": max(b for _, b in tw), "window_bytes_at": [ref, at.get(ref)],
+            "full_peak_bytes": max(b for _, b in tf), "seconds": round(time.time() - t, 1),
+        }
+        if ref is not None:
+            g = out["generation"]
+            g["peak_over_at_516"] = g["window_peak_bytes"] / at[ref]
+            print(f"generation of {args.gen}: window peak {g['window_peak_bytes']:,} B = "
+                  f"{g['peak_over_at_516']:.3f} x the cache at {ref} tokens; full peak {g['full_peak_bytes']:,} B")
+        save()
+        if args.plot:
+            _plot(tw, tf, args.plot)
+
+
+def _fmt(row: dict, base: dict) -> str:
+    pk = row["passkey"]["accuracy"]
+    ret = row.get("passkey_vs_original", {}).get("retained")
+    rel = (row["ppl_a"] / base["ppl_a"] - 1) * 100
+    return (f"{row['label']:<62} ppl@{'a'} {row['ppl_a']:8.3f} ({rel:+.1f}%)  ppl@b {row['ppl_b']:8.3f}  "
+            f"late ppl {row['long_range_ppl_b']:8.3f}  passkey {pk:.2f}"
+            f"{'' if ret is None else f' (retained {ret:.2f})'}  cache@b {row['cache_b'] / base['cache_b']:.3f}x"
+            f"  [{row['seconds']} s]")
+
+
+def _plot(tw, tf, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([n for n, _ in tf], [b / 2**20 for _, b in tf], label="original (DynamicCache)")
+    ax.plot([n for n, _ in tw], [b / 2**20 for _, b in tw], label="kvpass Window(512, sinks=4)")
+    ax.set_xlabel("tokens in context")
+    ax.set_ylabel("KV cache (MiB, measured)")
+    ax.set_title("SmolLM2-135M greedy generation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
