@@ -13,7 +13,8 @@ from .sites import AttentionSite, find_sites
 
 __version__ = "0.1.0"
 __all__ = [
-    "optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report", "capture", "Captured", "find_sites", "AttentionSite",
+    "optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report",
+    "capture", "Captured", "find_sites", "AttentionSite",
     "Policy", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "FORMS",
     "KVPassError", "CaptureError", "SiteError", "PolicyError",
 ]

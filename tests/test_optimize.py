@@ -91,4 +91,4 @@ def test_inplace_rewrites_the_given_model():
 
 def test_unimplemented_form_is_refused_clearly():
     with pytest.raises(kvpass.KVPassError, match="not implemented"):
-        kvpass.optimize(fam.build("llama"), kvpass.Window(size=4, sinks=1))
+        kvpass.optimize(fam.build("llama"), kvpass.MHC(rank=8))
