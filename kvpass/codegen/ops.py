@@ -2,7 +2,8 @@
 
 Which implementation runs (:func:`kernel_mode`):
 
-- ``KVPASS_KERNELS=reference``: ``kvpass.reference.attention`` (plain torch, any device).
+- ``KVPASS_KERNELS=reference``: the reference's meaning via ``kvpass.reference.attention_sdpa`` (torch
+  SDPA with the visibility as a bool mask; plain ``reference.attention`` where SDPA cannot express it).
 - ``KVPASS_KERNELS=triton``: compiled Triton kernels (CUDA tensors).
 - ``KVPASS_KERNELS=interpret``: the same generated kernels under the Triton interpreter
   (CPU tensors; slow, for tests).
@@ -286,7 +287,7 @@ def kernel_mode(device: torch.device) -> str:
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None,
                k_pos: Tensor | None, mask: Tensor | None, block_mask: Tensor | None) -> Tensor:
-    return reference.attention(
+    return reference.attention_sdpa(  # the reference's meaning, computed by torch's fused SDPA
         q, k, v, kv_head_map=spec.kv_head_map, scale=spec.scale, causal=spec.causal,
         q_pos=q_pos, k_pos=k_pos, window=spec.window, sinks=spec.sinks, softcap=spec.softcap,
         block_mask=None if block_mask is None else block_mask.bool(), block=spec.block,
