@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,26 +27,33 @@ import torch
 import kvpass
 from kvpass import models
 from kvpass.cache import cache_nbytes, find_caches
-from kvpass.evaluate import long_range_perplexity, passkey_accuracy, passkey_retained, plot_passkey
+from kvpass.evaluate import passkey_accuracy, passkey_retained, perplexity_by_position, plot_passkey
 from kvpass.evaluate_basic import perplexity
+from kvpass.passes.window import far_attention, hybrid_layers
 from kvpass.text import load_text, token_chunks
 
 W = kvpass.Window
 
 
-def policies(n_layers: int, hybrid_full: list[int]) -> dict[str, object]:
+def policies(n_layers: int, hybrid_full: list[int], auto_full: list[int] | None = None) -> dict[str, object]:
     hybrid = kvpass.Policy(default=W(512, sinks=4), layers={i: kvpass.Full() for i in hybrid_full})
+    auto = {}
+    if auto_full:
+        auto[f"hybrid: full on far-attention layers {auto_full}, window 512+4 elsewhere"] = kvpass.Policy(
+            default=W(512, sinks=4), layers={i: kvpass.Full() for i in auto_full})
+    # most informative first (partial runs still answer the goals)
     return {
-        "window 256, sinks 0": W(256, sinks=0),
-        "window 256, sinks 4": W(256, sinks=4),
-        "window 512, sinks 0": W(512, sinks=0),
         "window 512, sinks 4": W(512, sinks=4),
-        "window 1024, sinks 0": W(1024, sinks=0),
-        "window 1024, sinks 4": W(1024, sinks=4),
+        "window 512, sinks 0": W(512, sinks=0),
+        **auto,
+        f"hybrid: full on layers {hybrid_full}, window 512+4 elsewhere": hybrid,
         # 7 local blocks of 64 + 1 global block = 512 keys per query, like window 512 + sinks
         "sparse b64 local 7 global 64": kvpass.Sparse(block=64, local=7, global_tokens=64),
+        "window 1024, sinks 4": W(1024, sinks=4),
+        "window 1024, sinks 0": W(1024, sinks=0),
+        "window 256, sinks 4": W(256, sinks=4),
+        "window 256, sinks 0": W(256, sinks=0),
         "sparse b64 local 5 global 64 random 2": kvpass.Sparse(block=64, local=5, global_tokens=64, random=2),
-        f"hybrid: full on layers {hybrid_full}, window 512+4 elsewhere": hybrid,
     }
 
 
@@ -53,12 +61,23 @@ def measure(model, tok, a_chunks, b_chunks, late, lengths, depths) -> dict:
     t = time.time()
     row = {
         "ppl_a": perplexity(model, a_chunks, batch_size=1, progress=False),
-        "ppl_b": perplexity(model, b_chunks, batch_size=1, progress=False),
-        "long_range_ppl_b": long_range_perplexity(model, b_chunks, start=late, progress=False),
+        **_long_chunks(model, b_chunks, late),
         "passkey": passkey_accuracy(model, tok, lengths, depths, progress=False),
     }
     row["seconds"] = round(time.time() - t, 1)
     return row
+
+
+def _long_chunks(model, chunks, late) -> dict:
+    """Perplexity of the long chunks, all targets and targets at positions >= late (one pass)."""
+    bucket = math.gcd(late, 512)
+    by_pos = perplexity_by_position(model, chunks, bucket=bucket, progress=False)
+    nll = [(start, math.log(p)) for start, p in by_pos]
+    counts = [min(start + bucket, chunks.shape[1]) - max(start, 1) for start, _ in nll]
+    total = sum(c * v for c, (_, v) in zip(counts, nll)) / sum(counts)
+    far = [(c, v) for c, (start, v) in zip(counts, nll) if start >= late]
+    return {"ppl_b": math.exp(total), "long_range_ppl_b": math.exp(sum(c * v for c, v in far) / sum(c for c, _ in far)),
+            "ppl_b_by_position": by_pos}
 
 
 def generation_trace(model, ids: torch.Tensor, steps: int, every: int = 16) -> list[tuple[int, int]]:
@@ -91,8 +110,12 @@ def main() -> None:
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--hybrid-full", type=int, nargs="+", default=[0, 8, 16, 24])
+    ap.add_argument("--hybrid-auto", type=int, default=4,
+                    help="also a hybrid keeping full the k layers with most far attention on calibration text")
     ap.add_argument("--only", nargs="*", default=None, help="substrings of policy labels to run")
     ap.add_argument("--gen", type=int, default=4096, help="tokens to generate for the cache trace (0: skip)")
+    ap.add_argument("--skip-original", type=Path, default=None,
+                    help="reuse the original model's row from this earlier JSON (same settings)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -111,14 +134,24 @@ def main() -> None:
             args.json.write_text(json.dumps(out, indent=1))
 
     full_bytes = {n: kvpass.kv_cache_bytes(model, n) for n in (args.len_a, args.len_b)}
-    base = measure(model, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths)
+    if args.skip_original:
+        base = json.loads(args.skip_original.read_text())["rows"][0]
+    else:
+        base = measure(model, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths)
     base.update(label="original", cache_a=full_bytes[args.len_a], cache_b=full_bytes[args.len_b])
     out["rows"].append(base)
     print(_fmt(base, base), flush=True)
     save()
     grids = {"original": base["passkey"]}
     lowered = kvpass.optimize(model, kvpass.Full())
-    for label, policy in policies(n_layers, args.hybrid_full).items():
+    auto = None
+    if args.hybrid_auto:  # chosen on calibration text (Persuasion), never on the evaluation
+        calib = token_chunks(tok, load_text("calibration"), args.len_b, 2)
+        mass = far_attention(lowered, calib, window=512, sinks=4)
+        auto = hybrid_layers(mass, args.hybrid_auto)
+        out["far_attention"] = {"window": [512, 4], "per_layer": mass, "chosen": auto}
+        print("far attention (window 512+4) per layer:", {k: round(v, 3) for k, v in mass.items()}, "->", auto)
+    for label, policy in policies(n_layers, args.hybrid_full, auto).items():
         if args.only and not any(s in label for s in args.only):
             continue
         fast = kvpass.retarget(lowered, policy)  # == optimize(model, policy); no re-trace per policy

@@ -321,3 +321,15 @@ def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, da
     got = reference.attention_sdpa(q, k, v, **kw)
     assert torch.isfinite(got).all()
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_far_attention_measures_what_a_window_hides():
+    from kvpass.passes.window import far_attention, hybrid_layers
+
+    model, _ = _fast(kvpass.Window(size=5, sinks=2))
+    ids = torch.randint(1, fam.VOCAB, (2, 30))
+    none = far_attention(model, ids, window=30)
+    some = far_attention(model, ids, window=4, sinks=1)
+    assert set(none) == set(some) == {0, 1}
+    assert all(v == 0 for v in none.values()) and all(0.2 < v < 1 for v in some.values())
+    assert len(hybrid_layers(some, 1)) == 1
