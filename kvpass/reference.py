@@ -91,21 +91,13 @@ def attention(
     ``mask`` is a graph's own mask, broadcastable to [B, H, Sq, Sk]: bool (True = keep) or
     additive float.  Computation is in fp32; the result has ``q``'s dtype.
     """
-    B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    if kv_head_map is None:
-        kv_head_map = [h * Hkv // H for h in range(H)]
-    idx = torch.as_tensor(list(kv_head_map), device=q.device, dtype=torch.long)
-    k = k.index_select(1, idx).float()  # [B, H, Sk, D]
-    v = v.index_select(1, idx).float()
+    D = q.shape[-1]
+    k, v, q_pos, k_pos = _expand(q, k, v, kv_head_map, q_pos, k_pos)  # [B, H, Sk, D]
+    k, v = k.float(), v.float()
     scale = D**-0.5 if scale is None else scale
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, Sq, Sk, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
     vis = visibility(q_pos, k_pos, causal=causal, window=window, sinks=sinks,
                      block_mask=block_mask, block=block)
     if mask is not None:
@@ -120,49 +112,40 @@ def attention(
     return torch.matmul(probs, v).to(q.dtype)
 
 
-def attention_sdpa(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    kv_head_map: Sequence[int] | None = None,
-    scale: float | None = None,
-    causal: bool = False,
-    q_pos: Tensor | None = None,
-    k_pos: Tensor | None = None,
-    window: int | None = None,
-    sinks: int = 0,
-    softcap: float | None = None,
-    block_mask: Tensor | None = None,
-    block: int | None = None,
-    mask: Tensor | None = None,
-) -> Tensor:
-    """:func:`attention` computed by ``torch``'s fused SDPA with the visibility as a bool mask.
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    """:func:`attention` (same arguments) computed by ``torch``'s fused SDPA with the visibility
+    as a bool mask.
 
     The same meaning (tests hold it to :func:`attention`), several times faster on CPU for long
-    sequences (no fp32 score copies).  Softcap is not expressible in SDPA: falls back to
-    :func:`attention` then.
+    sequences (no fp32 score copies).  Softcap and additive masks are not expressible this way:
+    :func:`attention` runs then.
     """
-    kw = dict(kv_head_map=kv_head_map, scale=scale, causal=causal, q_pos=q_pos, k_pos=k_pos, window=window,
-              sinks=sinks, softcap=softcap, block_mask=block_mask, block=block, mask=mask)
-    if softcap is not None or (mask is not None and mask.dtype != torch.bool):
+    mask = kw.get("mask")
+    if kw.get("softcap") is not None or (mask is not None and mask.dtype != torch.bool):
         return attention(q, k, v, **kw)
-    B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    if kv_head_map is None:
-        kv_head_map = [h * Hkv // H for h in range(H)]
-    if list(kv_head_map) != list(range(Hkv)) or H != Hkv:
-        idx = torch.as_tensor(list(kv_head_map), device=q.device, dtype=torch.long)
-        k, v = k.index_select(1, idx), v.index_select(1, idx)
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, Sq, Sk, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
-    vis = visibility(q_pos, k_pos, causal=causal, window=window, sinks=sinks, block_mask=block_mask, block=block)
+    k, v, q_pos, k_pos = _expand(q, k, v, kw.get("kv_head_map"), kw.get("q_pos"), kw.get("k_pos"))
+    vis = visibility(q_pos, k_pos, causal=kw.get("causal", False), window=kw.get("window"),
+                     sinks=kw.get("sinks", 0), block_mask=kw.get("block_mask"), block=kw.get("block"))
     if mask is not None:
         vis = vis & mask
     anyvis = vis.any(-1, keepdim=True)  # [B, 1|H, Sq, 1]
     vis = vis | ~anyvis  # SDPA gives NaN for empty rows: let them see all, then zero them
+    scale = kw.get("scale")
     out = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=vis,
-                                                           scale=D**-0.5 if scale is None else scale)
+                                                           scale=q.shape[-1] ** -0.5 if scale is None else scale)
     return out.masked_fill(~anyvis, 0.0)
+
+
+def _expand(q: Tensor, k: Tensor, v: Tensor, kv_head_map, q_pos, k_pos):
+    """K/V repeated to the query heads by ``kv_head_map``, and positions (defaults filled)."""
+    B, H, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if kv_head_map is None:
+        kv_head_map = [h * Hkv // H for h in range(H)]
+    idx = torch.as_tensor(list(kv_head_map), device=q.device, dtype=torch.long)
+    k, v = k.index_select(1, idx), v.index_select(1, idx)
+    if q_pos is None or k_pos is None:
+        dq, dk = default_positions(B, Sq, Sk, q.device)
+        q_pos = dq if q_pos is None else q_pos
+        k_pos = dk if k_pos is None else k_pos
+    return k, v, q_pos, k_pos
