@@ -252,15 +252,19 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> in
     For a plain model the original layout (2·Hkv·D values per layer) is assumed.  Windowed
     and block-local layers add this only until their ring is full: see :func:`kv_cache_bytes`.
     """
+    mods, others, dtype, size = _layers(model, dtype)
+    return (sum(m.kv_core.bytes_per_token(dtype) for m in mods)
+            + sum(s.kv_values_per_token() * size for s in others))
+
+
+def _layers(model: nn.Module, dtype: torch.dtype | None):
+    """(kvpass attention modules, sites left as the model had them, dtype, its element size)."""
     mods = [m for m in model.modules() if isinstance(m, KVAttention)]
     report = getattr(model, "_kvpass", None)
     dtype = dtype or next(model.parameters()).dtype
-    size = torch.empty((), dtype=dtype).element_size()
-    total = sum(m.kv_core.bytes_per_token(dtype) for m in mods)
     lowered = {m.site.name for m in mods}
     sites = report.sites if report is not None else find_sites_in(capture(model))
-    total += sum(s.kv_values_per_token() * size for s in sites if s.name not in lowered)
-    return total
+    return mods, [s for s in sites if s.name not in lowered], dtype, torch.empty((), dtype=dtype).element_size()
 
 
 def kv_cache_bytes(model: nn.Module, tokens: int, batch: int = 1, dtype: torch.dtype | None = None) -> int:
@@ -276,18 +280,12 @@ def kv_cache_bytes(model: nn.Module, tokens: int, batch: int = 1, dtype: torch.d
         >>> kvpass.kv_cache_bytes(m, 1000) == kvpass.kv_cache_bytes(m, 10)  # 10 slots per layer
         True
     """
-    mods = [m for m in model.modules() if isinstance(m, KVAttention)]
-    report = getattr(model, "_kvpass", None)
-    dtype = dtype or next(model.parameters()).dtype
-    size = torch.empty((), dtype=dtype).element_size()
+    mods, others, dtype, size = _layers(model, dtype)
     total = 0
     for m in mods:
         n = tokens if m.site.window is None or m.kv_core.plan.positional else min(tokens, m.site.window - 1)
         total += m.kv_core.cache_bytes(n, dtype, batch)
-    lowered = {m.site.name for m in mods}
-    sites = report.sites if report is not None else find_sites_in(capture(model))
-    for s in sites:
-        if s.name not in lowered:
-            n = tokens if s.window is None else min(tokens, s.window - 1)
-            total += batch * n * s.kv_values_per_token() * size
+    for s in others:
+        n = tokens if s.window is None else min(tokens, s.window - 1)
+        total += batch * n * s.kv_values_per_token() * size
     return total
