@@ -16,7 +16,7 @@ from .capture import capture, default_example_inputs, run_cache_free
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
 from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
-from .passes import PASSES, needs_stats
+from .passes import PASSES, PassContext, mhc, needs_calibration
 from .policy import Form, Full, Policy
 from .sites import AttentionSite, find_sites_in
 
@@ -36,7 +36,13 @@ class Report:
     kept: dict[str, str] = field(default_factory=dict)  # name -> why left untouched
     counters: dict[str, int] = field(default_factory=dict)
     heal: dict[str, tuple[float, float]] = field(default_factory=dict)  # loss before/after
-    removed: dict[str, list[str]] = field(default_factory=dict)  # params dropped (cross-layer)
+    removed: dict[str, list[str]] = field(default_factory=dict)  # params dropped (cross-layer, MHC)
+    allocation: dict = field(default_factory=dict)  # MHC rank allocation: sensitivities, ranks
+
+    def __deepcopy__(self, memo):  # sites hold graph handles: shared, not copied
+        return dataclasses.replace(self, forms=dict(self.forms), kept=dict(self.kept),
+                                   counters=dict(self.counters), heal=dict(self.heal),
+                                   removed=dict(self.removed), allocation=dict(self.allocation))
 
 
 def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None, heal=False,
@@ -51,7 +57,9 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     layer, or an int; ``heal_lr`` its Adam learning rate).  Layers are calibrated and healed in
     order, each on the outputs of the already rewritten layers before it.  The model is copied
     first unless ``inplace=True``: the source is never modified.  The result works with HF
-    ``generate()``; ``model._kvpass`` holds a :class:`Report`.
+    ``generate()``; ``model._kvpass`` holds a :class:`Report`.  Given a model that
+    ``optimize(model)`` (all ``Full()``) returned, the capture is reused (no new trace): the
+    cheap way to try several policies on one model.
 
     Example:
         >>> import torch, kvpass
@@ -68,21 +76,31 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     """
     policy = Policy.of(Full() if policy is None else policy)
     source = None if inplace else model
+    reuse = _reusable(model)
     if not inplace:
         model = copy.deepcopy(model)
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-    sites = find_sites_in(capture(model, example_inputs))
-    if not sites:
-        raise SiteError(f"{type(model).__name__}: no attention found in the traced graph")
-    report = Report(sites)
-    chosen = _choose(sites, policy, report)
-    calls = record_calls(model, list(chosen), lambda: run_cache_free(model, example_inputs))
-    lowered = {}
-    for site in sites:
-        if site.name in chosen:
-            lowered[site.name] = lower_site(model, site, calls[site.name], chosen[site.name])
+    if reuse:  # already lowered as Full(): re-plan without capturing again
+        sites = model._kvpass.sites
+        report = Report(sites)
+        chosen = _choose(sites, policy, report)
+        lowered = {m.site.name: m for m in model.modules() if isinstance(m, KVAttention)}
+        for name, forms in chosen.items():
+            lowered[name].kv_core.forms = forms
             _count(report, "lowered")
+    else:
+        if example_inputs is None:
+            example_inputs = default_example_inputs(model)
+        sites = find_sites_in(capture(model, example_inputs))
+        if not sites:
+            raise SiteError(f"{type(model).__name__}: no attention found in the traced graph")
+        report = Report(sites)
+        chosen = _choose(sites, policy, report)
+        calls = record_calls(model, list(chosen), lambda: run_cache_free(model, example_inputs))
+        lowered = {}
+        for site in sites:
+            if site.name in chosen:
+                lowered[site.name] = lower_site(model, site, calls[site.name], chosen[site.name])
+                _count(report, "lowered")
     if not getattr(model, "_kvpass_hook", False):
         model.register_forward_pre_hook(_prepare_caches, with_kwargs=True)
         model._kvpass_hook = True
@@ -91,13 +109,23 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     lossy = [s for s in sites if s.name in chosen and chosen[s.name] != (Full(),)]
     if not lossy:
         return model
-    need = steps > 0 or any(needs_stats(f) for s in lossy for f in chosen[s.name])
+    need = steps > 0 or any(needs_calibration(f) for s in lossy for f in chosen[s.name])
     ids = calibration_ids(calibration, tokenizer) if calibration is not None else None
     if need and ids is None:
         raise KVPassError("this policy calibrates (similarity grouping, calibrated merge or heal): "
                           "pass calibration=<token ids | text | file> (and tokenizer= for text)")
     _rewrite_layers(model, source, lossy, chosen, lowered, ids, (steps, heal_lr), report, progress)
     return model
+
+
+def _reusable(model: nn.Module) -> bool:
+    """An ``optimize(model)`` result with every layer still ``Full()``: its capture can be reused."""
+    report = getattr(model, "_kvpass", None)
+    mods = [m for m in model.modules() if isinstance(m, KVAttention)]
+    return (report is not None and bool(mods) and all(s.nodes is not None for s in report.sites)
+            and all(m.kv_core.forms == (Full(),) and m.kv_core.plan == LayerPlan()
+                    and m.kv_core.latent is None and m.kv_core.producer is None for m in mods)
+            and len(mods) == len(report.sites) - len(report.kept))
 
 
 def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, progress) -> None:
@@ -107,21 +135,29 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, pr
     producers: dict[int, KVCore] = {}
     sharing = _sharing_groups(lossy, chosen)
     names = [s.name for s in lossy]
+    ranks = {}
+    alloc = {s.name: f for s in lossy for f in chosen[s.name] if f.kind == "mhc" and f.allocate}
+    if alloc:
+        ranks, report.allocation = mhc.allocate_ranks(model, [s for s in lossy if s.name in alloc], alloc,
+                                                      lowered, ids, progress)
     feeder = LayerFeeder(model, names, ids) if ids is not None else None
     originals = record_all(source, names, ids) if steps and source is not None else None
     for site in tqdm(lossy, desc="kvpass: rewriting layers", disable=not progress):
         att = lowered[site.name]
         forms = chosen[site.name]
-        wants = steps or any(needs_stats(f) for f in forms)
+        wants = steps or any(needs_calibration(f) for f in forms)
         calls = feeder.inputs(site.name) if wants and feeder is not None else None
         teacher = snapshot(att) if steps else None
         stats = None
-        if calls is not None and any(needs_stats(f) for f in forms):
+        if calls is not None and any(needs_calibration(f) for f in forms):
             with torch.no_grad(), collect_stats(att.kv_core) as stats:
                 run_calls(att, calls)
+        ctx = PassContext(weights, stats, calls, ranks, progress=progress)
         for form in forms:
-            att.kv_core.plan = PASSES[form.kind](att, site, form, weights, stats)
+            att.kv_core.plan = PASSES[form.kind](att, site, form, ctx)
             _count(report, form.kind)
+        if ctx.removed:
+            report.removed[site.name] = ctx.removed
         _cross_layer(att, site, producers, sharing, report)
         if steps:
             targets = None
@@ -164,7 +200,7 @@ def retarget(model: nn.Module, policy) -> nn.Module:
         core.plan = LayerPlan()
         for form in forms:
             if form.kind != "full":
-                core.plan = PASSES[form.kind](att, site, form, weights, None)
+                core.plan = PASSES[form.kind](att, site, form, PassContext(weights))
         core.forms = forms
     return model
 
@@ -209,6 +245,7 @@ def _trainable(att: KVAttention, site: AttentionSite) -> list[str]:
             rel = full[len(site.name) + 1:] if full and full.startswith(site.name + ".") else None
             if rel in names and rel not in out:
                 out.append(rel)
+    out += [n for n in names if n.startswith("kv_core.latent.")]  # an MHC latent
     return out
 
 

@@ -59,9 +59,11 @@ class LayerPlan:
     ``keep``: the heads of ``k_pre``/``v_pre`` that are stored (None: all);
     ``head_map[h]``: which stored head query head ``h`` reads (None: the site's map);
     ``window``/``sinks``: each query sees its last ``window`` tokens and the first ``sinks``;
-    ``pattern``: a block-sparse pattern.  With a window or pattern the layer is *positional*:
-    visibility comes from token positions (the graph's mask only says which tokens are
-    padding) and the cache is a :class:`~kvpass.cache.KVRingLayer`.
+    ``pattern``: a block-sparse pattern; ``latent``: the rank of an MHC latent cached instead
+    of keys and values (the weights live in ``KVCore.latent``).  With a window, pattern or
+    latent the layer is *positional*: visibility comes from token positions (the graph's mask
+    only says which tokens are padding) and the cache is a :class:`~kvpass.cache.KVRingLayer`
+    storing one position per slot.
     """
 
     keep: tuple[int, ...] | None = None
@@ -69,10 +71,11 @@ class LayerPlan:
     window: int | None = None
     sinks: int = 0
     pattern: SparsePattern | None = None
+    latent: int | None = None
 
     @property
     def positional(self) -> bool:
-        return self.window is not None or self.pattern is not None
+        return self.window is not None or self.pattern is not None or self.latent is not None
 
     def ring(self) -> RingSpec | None:
         """The cache layout (None: the plain full cache)."""
@@ -80,6 +83,8 @@ class LayerPlan:
             return RingSpec(pinned=self.sinks, ring=self.window)
         if self.pattern is not None:
             return self.pattern.ring()
+        if self.latent is not None:
+            return RingSpec()  # keep every token, with its position
         return None
 
 
@@ -95,6 +100,7 @@ class KVCore(nn.Module):
         super().__init__()
         self.spec, self.forms, self.layer_idx = spec, forms, layer_idx
         self.plan = LayerPlan()
+        self.latent = None  # a kvpass.latent.Latent (MHC), registered when set
         self.taps: list = []
         self._producer: list[KVCore] = []  # unregistered reference
         self._cache = None  # set by KVAttention for the duration of one call
@@ -115,21 +121,25 @@ class KVCore(nn.Module):
         return self.spec.num_kv_heads if self.plan.keep is None else len(self.plan.keep)
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Cache bytes one stored token takes: K and V of the stored heads (or the MHC latent),
+        plus one int64 position for positional layers."""
         if self.producer is not None:
             return 0
         size = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.stored_heads() * self.spec.head_dim * size
+        if self.latent is not None:
+            per = self.latent.rank * size
+        else:
+            per = 2 * self.stored_heads() * self.spec.head_dim * size
+        return per + (8 if self.plan.positional else 0)
 
     def cache_bytes(self, tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
         """Bytes this layer's cache slot holds after ``tokens`` tokens (what ``cache_nbytes``
-        measures): a ring holds at most its capacity, plus one int64 position per slot."""
+        measures): a ring holds at most its capacity."""
         if self.producer is not None:
             return 0
         ring = self.ring()
-        if ring is None:
-            return batch * tokens * self.bytes_per_token(dtype)
-        slots = tokens if ring.capacity is None else min(tokens, ring.capacity)
-        return batch * slots * (self.bytes_per_token(dtype) + 8)
+        slots = tokens if ring is None or ring.capacity is None else min(tokens, ring.capacity)
+        return batch * slots * self.bytes_per_token(dtype)
 
     def forward(self, q, k=None, v=None, mask=None):
         for tap in self.taps:
@@ -165,12 +175,18 @@ class KVCore(nn.Module):
         return k.index_select(1, idx), v.index_select(1, idx)
 
     def _forward_positional(self, q, k, v, mask):
-        """Window / block-sparse layers: tokens carry positions; the graph mask gives padding."""
-        B, _, Sq, _ = q.shape
+        """Window / block-sparse / latent layers: tokens carry positions; the graph mask gives
+        padding.  With a latent (MHC), ``k`` is the K/V projections' input and ``v`` is None."""
+        lat = self.latent
+        B, Sq = lat.batch_seq(q, k) if lat is not None else (q.shape[0], q.shape[2])
         producer = self.producer
         if producer is None:
-            valid = _new_tokens_valid(mask, self.spec.mask_kind, B, Sq, self.layer_idx).to(q.device)
-            k, v = self._select(k, v)
+            valid = _new_tokens_valid(mask, self.spec.mask_kind, B, Sq, self.layer_idx).to(k.device)
+            if lat is not None:
+                k = lat.compress(k, B, Sq)
+                v = k.new_zeros(B, 1, Sq, 0)
+            else:
+                k, v = self._select(k, v)
             if self._cache is not None:
                 layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring())
                 k, v, q_pos, k_pos = layer.update(k, v, valid)
@@ -185,15 +201,26 @@ class KVCore(nn.Module):
             limit = layer.get_seq_length()
         else:
             k, v, q_pos, k_pos, limit = producer._last
+        head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
+        if lat is None:
+            return self._attend(q, k, v, q_pos, k_pos, limit, head_map)
+        if lat.absorbed:  # attention in latent space: one shared "KV head" of width r
+            ql = lat.absorbed_query(q, head_map)
+            o = self._attend(ql, k, k, q_pos, k_pos, limit, (0,) * len(head_map))
+            return lat.absorbed_output(o, head_map, q_pos)
+        k, v = lat.keys_values(k, k_pos)
+        return self._attend(lat.query(q, q_pos), k, v, q_pos, k_pos, limit, head_map)
+
+    def _attend(self, q, k, v, q_pos, k_pos, limit, head_map):
         s, plan = self.spec, self.plan
-        head_map = tuple(plan.head_map or s.kv_head_map)
         table, block = None, None
         if plan.pattern is not None:
             block = plan.pattern.block
             table = plan.pattern.table(-(-limit // block)).table.to(q.device)
         args = dict(window=plan.window, sinks=plan.sinks, block=block)
         spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,
-                            has_block_mask=table is not None, **args)
+                            has_block_mask=table is not None, head_dim=q.shape[-1],
+                            head_dim_v=v.shape[-1], **args)
         if spec is None or (torch.is_grad_enabled() and q.requires_grad):
             return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
                                        softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table, **args)
@@ -205,6 +232,7 @@ class KVCore(nn.Module):
         p = self.plan
         vis = f", window={p.window}, sinks={p.sinks}" if p.window is not None else ""
         vis += f", pattern={p.pattern}" if p.pattern is not None else ""
+        vis += f", latent={p.latent}" if p.latent is not None else ""
         return (f"layer={self.layer_idx}, heads={s.num_heads}, kv_heads={self.stored_heads()}/"
                 f"{s.num_kv_heads}, head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}{vis}{src}")
 
@@ -212,10 +240,11 @@ class KVCore(nn.Module):
 @functools.lru_cache(maxsize=4096)
 def _kernel_spec(s: CoreSpec, head_map: tuple[int, ...], kv_heads: int, dtype: str, has_mask: bool,
                  window: int | None = None, sinks: int = 0, block: int | None = None,
-                 has_block_mask: bool = False):
+                 has_block_mask: bool = False, head_dim: int | None = None, head_dim_v: int | None = None):
     """The kernel spec of a layer's attention (None where no generated kernel applies)."""
     try:
-        return codegen.KernelSpec(num_heads=s.num_heads, num_kv_heads=kv_heads, head_dim=s.head_dim,
+        return codegen.KernelSpec(num_heads=s.num_heads, num_kv_heads=kv_heads, head_dim=head_dim or s.head_dim,
+                                  head_dim_v=head_dim_v,
                                   kv_head_map=head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
                                   has_mask=has_mask, dtype=dtype, window=window,
                                   sinks=sinks if window is not None else 0, block=block,
@@ -258,7 +287,7 @@ class KVAttention(nn.Module):
     """kvpass's replacement for an attention module: same call signature, same parameters."""
 
     def __init__(self, original: nn.Module, gm: fx.GraphModule, cap: Captured, core: KVCore,
-                 site: AttentionSite):
+                 site: AttentionSite, local: AttentionSite):
         super().__init__()
         for k, val in vars(original).items():
             if not k.startswith("_") and k != "training":
@@ -276,6 +305,10 @@ class KVAttention(nn.Module):
         self._out_spec = cap.out_spec
         self._consts = dict(zip(cap.input_paths, pytree.tree_leaves(cap.sample)))
         self.site = dataclasses.replace(site, nodes=None)  # the facts, without graph handles
+        n = local.nodes  # nodes of our own graph that passes rewire (MHC), by name (deepcopy-safe)
+        self._handles = {k: None if v is None else v.name for k, v in (
+            ("q", n.q), ("k_pre", n.k_pre), ("v_pre", n.v_pre), ("q_proj", n.q_proj),
+            ("k_proj", n.k_proj), ("v_proj", n.v_proj))}
         self.training = original.training
 
     def forward(self, *args, **kwargs):
@@ -303,12 +336,19 @@ class KVAttention(nn.Module):
     def graph_module(self) -> fx.GraphModule:
         return self._graph[0]
 
-    def drop_kv_inputs(self) -> list[str]:
-        """Stop computing keys/values (a cross-layer consumer): cut them from the graph and
-        remove parameters nothing reads any more.  Returns the removed parameter names."""
+    def handles(self) -> dict[str, fx.Node | None]:
+        """The site's nodes in this module's graph: q, k_pre, v_pre and the projections."""
+        nodes = {n.name: n for n in self.graph_module.graph.nodes}
+        return {k: nodes.get(v) if v is not None else None for k, v in self._handles.items()}
+
+    def sample_leaves(self) -> list:
+        """The graph inputs of the sample call the module was captured with."""
+        return [self._consts[p] for p in self._paths]
+
+    def remove_unused_parameters(self) -> list[str]:
+        """After a pass cut nodes from the graph: drop children whose parameters nothing reads
+        any more.  Returns the removed parameter names."""
         gm = self.graph_module
-        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "kv_core")
-        call.args = (call.args[0], None, None, call.args[3])
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
@@ -320,6 +360,14 @@ class KVAttention(nn.Module):
                 delattr(self, name)
                 removed += names
         return removed
+
+    def drop_kv_inputs(self) -> list[str]:
+        """Stop computing keys/values (a cross-layer consumer): cut them from the graph and
+        remove parameters nothing reads any more.  Returns the removed parameter names."""
+        gm = self.graph_module
+        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "kv_core")
+        call.args = (call.args[0], None, None, call.args[3])
+        return self.remove_unused_parameters()
 
 
 def record_calls(model: nn.Module, names: list[str], run) -> dict[str, dict]:
@@ -357,7 +405,7 @@ def lower_site(model: nn.Module, site: AttentionSite, call: dict, forms: tuple[F
     local = found[0]
     core = KVCore(CoreSpec.of(local), forms, site.layer)
     gm = _rewrite(cap, local, core)
-    new = KVAttention(original, gm, cap, core, site)
+    new = KVAttention(original, gm, cap, core, site, local)
     parent, _, leaf = site.name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
     return new

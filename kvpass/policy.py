@@ -110,7 +110,17 @@ class SharedKV(Form):
 
 @dataclass(frozen=True)
 class MHC(Form):
-    """Multi-head compression: one low-rank latent per token cached instead of K and V."""
+    """Multi-head compression: one low-rank latent per token cached instead of K and V.
+
+    Give ``rank`` (latent values per token and layer) or ``ratio`` (the cache is ``1/ratio`` of
+    the layer's K/V: ``rank = 2·Hkv·D / ratio``).  ``joint``: one latent for K and V together
+    (else separate K and V latents, rank split between them); ``groups``: per group of KV heads;
+    ``method``: ``"svd"`` of the weights or ``"whitened"`` (by the calibration inputs'
+    covariance: minimises the error on real activations); ``allocate`` (with ``ratio``): spend
+    the model's total rank unevenly over layers (and K vs V when not joint) by measured
+    calibration sensitivity; ``refit``: refit the output projection by least squares on
+    calibration data after truncation.  See :mod:`kvpass.passes.mhc`.
+    """
 
     kind: ClassVar[str] = "mhc"
     rank: int | None = None
@@ -118,17 +128,26 @@ class MHC(Form):
     joint: bool = True
     groups: int = 1
     method: str = "whitened"
+    allocate: bool = False
+    refit: bool = False
 
     def __post_init__(self):
         n = "MHC"
         _pos_int(n, "rank", self.rank, allow_none=True)
         _check(n, "ratio", self.ratio, self.ratio is None or (isinstance(self.ratio, (int, float))
-                                                              and self.ratio >= 1), "a number >= 1 or None")
+                                                              and not isinstance(self.ratio, bool)
+                                                              and self.ratio > 1),
+               "a number > 1 (the cache shrinks by this factor) or None")
         if (self.rank is None) == (self.ratio is None):
             raise PolicyError("MHC: give exactly one of rank=r or ratio=x")
         _check(n, "joint", self.joint, isinstance(self.joint, bool), "True, False")
         _pos_int(n, "groups", self.groups)
         _choice(n, "method", self.method, ("svd", "whitened"))
+        _check(n, "allocate", self.allocate, isinstance(self.allocate, bool), "True, False")
+        _check(n, "refit", self.refit, isinstance(self.refit, bool), "True, False")
+        if self.allocate and self.ratio is None:
+            raise PolicyError("MHC.allocate: needs ratio=x (a total budget to spread over layers), "
+                              "not a fixed rank")
 
 
 @dataclass(frozen=True)

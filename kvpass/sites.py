@@ -150,6 +150,7 @@ class SiteNodes:
     inner: set            # nodes of the core (removed by lowering)
     k_proj: fx.Node | None = None
     v_proj: fx.Node | None = None
+    q_proj: fx.Node | None = None
 
 
 # ---------------------------------------------------------------------------------- cores
@@ -530,7 +531,7 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
         problems.append("keys and values use different head maps")
     if int(_shape(v_pre)[1]) != Hkv:
         problems.append("keys and values have different head counts")
-    qp, _, q_chain = _projection(core.q, env, problems, "query path")
+    qp, q_node, q_chain = _projection(core.q, env, problems, "query path")
     kp, k_node, k_path = _projection(k_pre, env, problems, "key path")
     vp, v_node, v_path = _projection(v_pre, env, problems, "value path")
     rope, k_norm = _rope_and_norm(k_path, D, problems, "key path")
@@ -547,7 +548,7 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
     name = gu.common_prefix(p for p in paths if p)
     nodes = SiteNodes(cap, core.out, core.q, k_pre, v_pre,
                       None if core.mask is None else _mask_source(core.mask), core.mask_kind,
-                      core.inner, k_node, v_node)
+                      core.inner, k_node, v_node, q_node)
     site = AttentionSite(name, layer, H, Hkv, D, tuple(kmap), qp, kp, vp, op, rope, q_norm, k_norm,
                          causal, window, float(scale), core.softcap, core.kind, problems, nodes)
     site.problems = [f"{name or '<top>'}: {p}" for p in problems]

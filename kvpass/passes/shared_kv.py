@@ -196,8 +196,11 @@ def _weighting(weights, site, kv_head: int, kind: str, head_map, stats) -> torch
     return sum(b.T @ b for b in blocks)
 
 
-def apply(att: KVAttention, site: AttentionSite, form: SharedKV, weights: dict, stats=None) -> LayerPlan:
+def apply(att: KVAttention, site: AttentionSite, form: SharedKV, ctx) -> LayerPlan:
     """Rewrite one layer for ``form`` (heads only; cross-layer sharing is set up by the caller)."""
+    weights, stats = ctx.weights, ctx.stats
+    if att.kv_core.latent is not None:
+        raise SiteError(f"{site.name}: SharedKV after MHC: the latent is already shared by all heads")
     n = target_heads(site, form)
     head_map = site.kv_head_map
     if n == site.num_kv_heads:

@@ -48,7 +48,7 @@ def pattern_of(site: AttentionSite, form: Sparse) -> SparsePattern:
                          random=form.random, seed=form.seed, causal=site.causal)
 
 
-def apply(att: KVAttention, site: AttentionSite, form: Sparse, weights: dict, stats=None) -> LayerPlan:
+def apply(att: KVAttention, site: AttentionSite, form: Sparse, ctx=None) -> LayerPlan:
     """Give the layer the block pattern of ``form`` (no weights change)."""
     plan = att.kv_core.plan
     if plan.window is not None:

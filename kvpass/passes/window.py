@@ -40,7 +40,7 @@ from ..sites import AttentionSite
 __all__ = ["apply"]
 
 
-def apply(att: KVAttention, site: AttentionSite, form: Window, weights: dict, stats=None) -> LayerPlan:
+def apply(att: KVAttention, site: AttentionSite, form: Window, ctx=None) -> LayerPlan:
     """Give the layer the window ``form.size`` with ``form.sinks`` sinks (no weights change)."""
     plan = att.kv_core.plan
     if not site.causal:

@@ -1,0 +1,110 @@
+"""MHC quality report: one low-rank latent per token instead of K and V, on real models and text.
+
+Calibration on Persuasion, evaluation on Emma (both bundled, public domain): never the same
+text.  Decoders: perplexity of held-out chunks; encoders (MiniLM, absorbed latent form): mean
+cosine of mean-pooled sentence embeddings to the original model.  Ratios are of the layer's
+K/V values (``rank = 2·Hkv·D / ratio``); the measured cache bytes per token (latent + one
+int64 position per token and layer) are reported next to them.  The model is captured once
+(``optimize(model)``) and every variant re-plans that capture.
+
+    python bench/mhc.py --model smollm2-135m --json bench/results/mhc_smollm2.json
+    python bench/mhc.py --model minilm-l6 --ratios 4 8 --json bench/results/mhc_minilm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import kvpass
+from kvpass import models
+from kvpass.evaluate_basic import embedding_cosine, perplexity
+from kvpass.text import load_text, split_sentences, token_chunks
+
+VARIANTS = {  # name -> (MHC options, heal)
+    "svd": (dict(method="svd"), 0),
+    "whitened": (dict(method="whitened"), 0),
+    "whitened+alloc": (dict(method="whitened", joint=False, allocate=True), 0),
+    "whitened+alloc+refit": (dict(method="whitened", joint=False, allocate=True, refit=True), 0),
+    "whitened+alloc+refit+heal": (dict(method="whitened", joint=False, allocate=True, refit=True), True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--calib-chunks", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--eval-chunks", type=int, default=16)
+    ap.add_argument("--eval-len", type=int, default=1024)
+    ap.add_argument("--heal-steps", type=int, default=None)
+    ap.add_argument("--heal-lr", type=float, default=2e-3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = models.load(args.model)
+    encoder = "ForCausalLM" not in type(model).__name__
+    calib = token_chunks(tok, load_text("calibration"), args.calib_len, args.calib_chunks)
+    if encoder:
+        sentences = split_sentences(load_text("eval"), 256)
+        score_name = "cosine"
+
+        def score(m):
+            return embedding_cosine(model, m, tok, sentences, progress=False)
+    else:
+        chunks = token_chunks(tok, load_text("eval"), args.eval_len, args.eval_chunks)
+        score_name = "perplexity"
+
+        def score(m):
+            return perplexity(m, chunks, progress=False)
+    t = time.time()
+    base = kvpass.optimize(model)  # captured once; each variant below re-plans it
+    print(f"capture: {time.time() - t:.0f}s", flush=True)
+    orig_bytes = kvpass.kv_bytes_per_token(model)
+    rows = [{"variant": "original", "ratio": 1.0, score_name: score(model), "kv_bytes_per_token": orig_bytes,
+             "cache_ratio": 1.0, "seconds": 0.0}]
+    print(_fmt(rows[-1], score_name), flush=True)
+    for ratio in args.ratios:
+        for name in args.variants:
+            opts, heal = VARIANTS[name]
+            if heal is True and args.heal_steps is not None:
+                heal = args.heal_steps
+            t = time.time()
+            fast = kvpass.optimize(base, kvpass.MHC(ratio=ratio, **opts), calibration=calib, tokenizer=tok,
+                                   heal=heal, heal_lr=args.heal_lr, progress=True)
+            b = kvpass.kv_bytes_per_token(fast)
+            row = {"variant": name, "ratio": ratio, score_name: score(fast), "kv_bytes_per_token": b,
+                   "cache_ratio": round(orig_bytes / b, 3), "seconds": round(time.time() - t, 1)}
+            alloc = fast._kvpass.allocation
+            if alloc:
+                row["allocation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in alloc["ranks"].items()}
+                row["sensitivity"] = alloc["sensitivity"]
+            if fast._kvpass.heal:
+                row["heal_loss"] = {k: [round(a, 5), round(b_, 5)] for k, (a, b_) in fast._kvpass.heal.items()}
+            rows.append(row)
+            print(_fmt(row, score_name), flush=True)
+            if args.json:
+                _write(args, rows)
+            del fast
+
+
+def _write(args, rows) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"model": args.model, "calibration": "persuasion", "evaluation": "emma",
+                                     "eval_len": args.eval_len, "eval_chunks": args.eval_chunks,
+                                     "rows": rows}, indent=2))
+
+
+def _fmt(r, score_name):
+    return (f"{r['variant']:<28} ratio={r['ratio']:<4g} {score_name}={r[score_name]:.4f}  "
+            f"KV B/tok={r['kv_bytes_per_token']:,} ({r['cache_ratio']}x smaller)  {r['seconds']}s")
+
+
+if __name__ == "__main__":
+    main()

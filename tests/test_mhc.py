@@ -1,0 +1,233 @@
+"""MHC: exact at full rank (RoPE or not, absorbed or not), absorbed == decompressed, the cache
+holds the latent (bytes agree with the formula), generate works, refit/allocation/heal do
+what they say, bad ranks are refused with their limits."""
+
+import families as fam
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import kvpass
+from kvpass.cache import cache_nbytes
+from kvpass.errors import KVPassError, PolicyError, SiteError
+from kvpass.lower import KVCore
+from kvpass.passes import mhc
+
+LOW_RANK = 20  # rank of [W_k; W_v] in the models below
+
+
+def _low_rank(model, seed=0):
+    """Give every layer's K and V projections a joint rank of LOW_RANK (so any latent rank >=
+    LOW_RANK must be exact), through the site's channel maps."""
+    g = torch.Generator().manual_seed(seed)
+    weights = dict(model.named_parameters())
+    for s in kvpass.find_sites(model):
+        W, _ = mhc.kv_weights(weights, s)
+        low = (torch.randn(W.shape[0], LOW_RANK, generator=g, dtype=torch.float64)
+               @ torch.randn(LOW_RANK, W.shape[1], generator=g, dtype=torch.float64)) / W.shape[1] ** 0.5
+        D, H = s.head_dim, s.num_kv_heads
+        for i, proj in enumerate((s.k_proj, s.v_proj)):
+            for h in range(H):
+                block = low[i * H * D + h * D: i * H * D + (h + 1) * D]
+                mhc.shared_kv._set(weights, proj, h, D, block, None)
+    return model
+
+
+_BASE: dict = {}
+
+
+def _base(name):
+    """(original, optimize(original)) per family: MHC variants re-plan the captured one."""
+    if name not in _BASE:
+        model = _low_rank(fam.build(name))
+        _BASE[name] = (model, kvpass.optimize(model))
+    return _BASE[name]
+
+
+def _out(o):
+    return o.logits if hasattr(o, "logits") else (o[0] if isinstance(o, tuple) else getattr(o, "last_hidden_state", o))
+
+
+def _run(model, ids, mask=None):
+    with torch.no_grad():
+        return _out(model(ids) if mask is None else model(ids, attention_mask=mask))
+
+
+CALIB = torch.randint(1, fam.VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
+FAMILIES = ["llama", "gemma3", "gpt_neox", "phi3", "gpt2", "bert", "handwritten_fused"]
+
+
+@settings(max_examples=24, deadline=None)
+@given(name=st.sampled_from(FAMILIES), method=st.sampled_from(["svd", "whitened"]),
+       layout=st.sampled_from([(True, 1), (False, 1), (True, 2)]), extra=st.integers(0, 24),
+       seq=st.integers(2, 19), seed=st.integers(0, 100))
+def test_rank_at_least_weight_rank_is_exact(name, method, layout, extra, seq, seed):
+    """rank ≥ rank([W_k; W_v]) (per factorised block) → the model's outputs are unchanged."""
+    joint, groups = layout
+    model, base = _base(name)
+    assume(all(s.num_kv_heads % groups == 0 for s in base._kvpass.sites))
+    # every factorised block (K and/or V rows of a head group) has rank <= LOW_RANK: a share of
+    # at least LOW_RANK per block is enough
+    need = LOW_RANK * groups * (1 if joint else 2)
+    limit = min(mhc.kv_limit(s) for s in base._kvpass.sites)
+    rank = min(limit, need + extra)
+    fast = kvpass.optimize(base, kvpass.MHC(rank=rank, method=method, joint=joint, groups=groups),
+                           calibration=CALIB)
+    ids = torch.randint(1, fam.VOCAB, (2, seq), generator=torch.Generator().manual_seed(seed))
+    want, got = _run(model, ids), _run(fast, ids)
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+@settings(max_examples=12, deadline=None)
+@given(name=st.sampled_from(["gpt2", "bert"]), seq=st.integers(2, 17), pad=st.integers(0, 5),
+       seed=st.integers(0, 100))
+def test_absorbed_equals_decompressed(name, seq, pad, seed):
+    """No-RoPE sites attend in latent space; rebuilding K and V from the same latent first
+    gives the same outputs (padding included)."""
+    model, base = _base(name)
+    fast = kvpass.optimize(base, kvpass.MHC(rank=12, method="svd"))
+    lats = [m.latent for m in fast.modules() if isinstance(m, KVCore)]
+    assert lats and all(lat.absorbed for lat in lats)
+    ids = torch.randint(1, fam.VOCAB, (2, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    pad = min(pad, seq - 1)
+    if pad:
+        if name == "bert":
+            mask[0, seq - pad:] = 0
+        else:
+            mask[0, :pad] = 0
+    absorbed = _run(fast, ids, mask)
+    for lat in lats:
+        lat._paths = [None, None, None]  # decompress, with the plain head layout
+    try:
+        assert not lats[0].absorbed
+        decompressed = _run(fast, ids, mask)
+    finally:
+        for lat in lats:
+            lat._paths = None
+    keep = mask.bool()
+    assert (absorbed - decompressed)[keep].abs().max() <= 1e-5
+
+
+def test_bad_rank_or_ratio_names_the_limits():
+    _, base = _base("llama")
+    with pytest.raises(PolicyError, match=r"allowed: 1\.\.64 \(2·Hkv·D = 2·2·16"):
+        kvpass.optimize(base, kvpass.MHC(rank=65, method="svd"))
+    for bad in (dict(ratio=1), dict(ratio=0.5), dict(ratio=True)):
+        with pytest.raises(PolicyError, match="ratio.*> 1"):
+            kvpass.MHC(**bad)
+    with pytest.raises(PolicyError, match="allocate: needs ratio"):
+        kvpass.MHC(rank=8, allocate=True)
+    with pytest.raises(PolicyError, match="groups.*allowed: \\[1, 2\\]"):
+        kvpass.optimize(base, kvpass.MHC(rank=16, groups=3, method="svd"))
+    with pytest.raises(SiteError, match="MHC cannot follow SharedKV"):
+        kvpass.optimize(base, [kvpass.SharedKV(kv_heads=1), kvpass.MHC(rank=8, method="svd")])
+    with pytest.raises(KVPassError, match="calibration="):
+        kvpass.optimize(base, kvpass.MHC(rank=8))  # whitened needs calibration text
+
+
+def test_cache_holds_the_latent_and_generate_matches():
+    """Left-padded batch, greedy: an exact latent generates the original's tokens; the cache
+    holds rank values + one position per token and layer, as kv_bytes_per_token says."""
+    model, base = _base("llama")
+    fast = kvpass.optimize(base, kvpass.MHC(rank=LOW_RANK, method="svd"))
+    ids = torch.randint(1, fam.VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    g = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, attention_mask=mask, **g)
+    out = fast.generate(ids, attention_mask=mask, return_dict_in_generate=True, **g)
+    assert torch.equal(out.sequences, want)
+    per = kvpass.kv_bytes_per_token(fast)
+    assert per == 2 * (LOW_RANK * 4 + 8)  # 2 layers: fp32 latent + int64 position
+    stored = out.sequences.shape[1] - 1  # the last token is never stored
+    assert cache_nbytes(out.past_key_values) == 2 * stored * per == kvpass.kv_cache_bytes(fast, stored, batch=2)
+    assert [tuple(layer.keys.shape) for layer in out.past_key_values.layers] == [(2, 1, stored, LOW_RANK)] * 2
+    torch.manual_seed(0)
+    sampled = fast.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=5, pad_token_id=0)
+    assert sampled.shape == (2, 15)
+
+
+def test_state_dict_holds_the_latent_not_kv_projections():
+    _, base = _base("llama")
+    fast = kvpass.optimize(base, kvpass.MHC(rank=16, method="svd"))
+    keys = set(fast.state_dict())
+    assert "model.layers.0.self_attn.kv_core.latent.down" in keys
+    assert not any(k.endswith(("k_proj.weight", "v_proj.weight")) for k in keys)
+    assert "model.layers.0.self_attn.q_proj.weight" in keys
+    assert fast._kvpass.removed["model.layers.0.self_attn"] == ["k_proj.weight", "v_proj.weight"]
+
+
+def test_gemma3_sliding_layers_keep_their_window_with_a_latent():
+    """A model's own sliding layers stay sliding (bounded ring of latents); exact at full rank."""
+    model, base = _base("gemma3")
+    fast = kvpass.optimize(base, kvpass.MHC(rank=LOW_RANK, method="svd"))
+    ids = torch.randint(1, fam.VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    g = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, return_dict_in_generate=True, **g)
+    assert torch.equal(out.sequences, model.generate(ids, **g))
+    slots = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert slots == [5, 5, 19]  # sliding window 5 (two local layers), all 19 on the global one
+
+
+def test_mhc_composes_with_window():
+    """[MHC, Window]: a ring of latents; exact latent → same logits as the window alone, and
+    the bytes multiply (latent bytes x ring slots)."""
+    model, base = _base("llama")
+    both = kvpass.optimize(base, [kvpass.MHC(rank=LOW_RANK, method="svd"), kvpass.Window(6, sinks=2)])
+    window = kvpass.optimize(base, kvpass.Window(6, sinks=2))
+    ids = torch.randint(1, fam.VOCAB, (2, 21), generator=torch.Generator().manual_seed(7))
+    assert (_run(both, ids) - _run(window, ids)).abs().max() <= 1e-5
+    out = both.generate(ids[:, :4], max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [8, 8]
+    assert kvpass.kv_cache_bytes(both, 1000) == 2 * 8 * (LOW_RANK * 4 + 8)
+
+
+def test_refit_never_worsens_the_layer_output():
+    """Least squares from the original output projection as a feasible point: the first layer's
+    output error on its calibration inputs can only go down."""
+    model, base = _base("llama")
+    ids = CALIB  # the guarantee is on the calibration data (held-out text is the bench's job)
+    errs = []
+    for refit in (False, True):
+        fast = kvpass.optimize(base, kvpass.Policy(default=kvpass.Full(), layers={
+            0: kvpass.MHC(rank=6, refit=refit)}), calibration=CALIB)
+        want = _block(model, ids)
+        got = _block(fast, ids)
+        errs.append(float(((got - want) ** 2).sum()))
+    assert errs[1] < errs[0]
+
+
+def _block(model, ids):
+    outs = []
+    att = model.get_submodule("model.layers.0.self_attn")
+    h = att.register_forward_hook(lambda m, a, o: outs.append(o[0]))
+    try:
+        _run(model, ids)
+    finally:
+        h.remove()
+    return outs[0]
+
+
+def test_allocation_spends_the_budget_and_reports_it():
+    _, base = _base("llama")
+    fast = kvpass.optimize(base, kvpass.MHC(ratio=4, joint=False, allocate=True), calibration=CALIB)
+    alloc = fast._kvpass.allocation
+    ranks = alloc["ranks"]
+    assert set(ranks) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    assert alloc["budget"] == 2 * 64 // 4 and alloc["spent"] <= alloc["budget"]
+    assert sum(a + b for a, b in ranks.values()) == alloc["spent"]
+    for name, (rk, rv) in ranks.items():
+        assert fast.get_submodule(name).kv_core.latent.rank == rk + rv
+    assert all(v > 0 for v in alloc["sensitivity"].values())
+
+
+def test_heal_trains_the_latent():
+    _, base = _base("llama")
+    fast = kvpass.optimize(base, kvpass.MHC(rank=6), calibration=CALIB, heal=8)
+    for before, after in fast._kvpass.heal.values():
+        assert after <= before
+    from kvpass.api import _trainable
+    att = fast.get_submodule("model.layers.0.self_attn")
+    assert "kv_core.latent.down" in _trainable(att, att.site)
