@@ -90,5 +90,12 @@ def test_inplace_rewrites_the_given_model():
 
 
 def test_unimplemented_form_is_refused_clearly():
-    with pytest.raises(kvpass.KVPassError, match="not implemented"):
-        kvpass.optimize(fam.build("llama"), kvpass.MHC(rank=8))
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass(frozen=True)
+    class Future(kvpass.policy.Form):  # a form kind with no pass registered
+        kind: ClassVar[str] = "test_future_form"
+
+    with pytest.raises(kvpass.KVPassError, match="test_future_form.*not implemented"):
+        kvpass.optimize(fam.build("llama"), Future())
