@@ -70,3 +70,41 @@ def test_window_and_sparse_layers_on_interpreted_kernels():
     assert line, r.stderr[-3000:]
     _, diff, with_table, without_table = line[0].split()
     assert float(diff) <= 1e-4 and with_table == "True" and without_table == "True"
+
+
+MHC_SCRIPT = r"""
+import os, torch, kvpass, families as fam
+from transformers import DynamicCache
+calls = []
+orig = kvpass.codegen.attention
+kvpass.lower.codegen.attention = lambda *a, **k: calls.append(a[3].head_dim) or orig(*a, **k)
+worst = 0.0
+for name in ["llama", "gpt2"]:  # decompress + RoPE, absorbed (attention in latent space)
+    torch.manual_seed(0)
+    model = fam.build(name)
+    fast = kvpass.optimize(model, kvpass.MHC(rank=24, method="svd"))
+    ids = torch.randint(1, fam.VOCAB, (2, 13))
+    outs = []
+    for mode in ["interpret", "reference"]:
+        os.environ["KVPASS_KERNELS"] = mode
+        cache = DynamicCache()
+        with torch.no_grad():
+            steps = [fast(ids[:, :9], past_key_values=cache, use_cache=True).logits]
+            steps += [fast(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(9, 13)]
+            outs.append(torch.cat(steps, 1))
+    worst = max(worst, float((outs[0] - outs[1]).abs().max()))
+print("RESULT", worst, 24 in calls, 16 in calls)
+"""
+
+
+def test_mhc_layers_on_interpreted_kernels():
+    """Latent layers reach the generated kernels (absorbed: head_dim = latent rank 24;
+    decompressed: the model's head_dim 16), prefill and decode, equal to the reference."""
+    env = {"KVPASS_KERNELS": "interpret", "PYTHONPATH": "tests"}
+    import os
+    r = subprocess.run([sys.executable, "-c", MHC_SCRIPT], capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=900)
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, r.stderr[-3000:]
+    _, diff, absorbed, decompressed = line[0].split()
+    assert float(diff) <= 1e-4 and absorbed == "True" and decompressed == "True"

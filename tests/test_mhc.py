@@ -220,7 +220,24 @@ def test_allocation_spends_the_budget_and_reports_it():
     assert sum(a + b for a, b in ranks.values()) == alloc["spent"]
     for name, (rk, rv) in ranks.items():
         assert fast.get_submodule(name).kv_core.latent.rank == rk + rv
-    assert all(v > 0 for v in alloc["sensitivity"].values())
+    for name, (rk, rv) in ranks.items():  # around the uniform split (8, 8), within [r/2, 2r]
+        assert 4 <= rk <= 16 and 4 <= rv <= 16
+        for key in ("k", "v"):
+            d = alloc["damage"][name][key]
+            assert len(d["kl_change"]) == len(d["ranks"]) and d["kl_change"][d["ranks"].index(8)] == 0.0
+
+
+def test_knapsack_is_optimal_on_non_convex_curves():
+    """The allocation's DP finds the best combination where greedy steps would stall (a curve
+    flat before a cliff)."""
+    import itertools
+
+    items = [([8, 16, 24], [1.0, 0.99, 0.0]), ([8, 16, 24], [0.5, 0.2, 0.1]), ([8, 16, 24], [0.3, 0.25, 0.2])]
+    picked = mhc._knapsack(items, 48)
+    best = min(itertools.product(*[range(3)] * 3),
+               key=lambda js: sum(c[j] for (_, c), j in zip(items, js)) if sum(
+                   g[j] for (g, _), j in zip(items, js)) <= 48 else 1e9)
+    assert picked == [items[i][0][j] for i, j in enumerate(best)] == [24, 16, 8]
 
 
 def test_heal_trains_the_latent():

@@ -327,137 +327,148 @@ def _output_of(out):
     return (out[0] if isinstance(out, (tuple, list)) else out), False
 
 
-def _divergence(clean: torch.Tensor, noisy: torch.Tensor, is_logits: bool) -> float:
-    if is_logits:  # KL(clean || noisy) per token
-        lp, lq = clean.float().log_softmax(-1), noisy.float().log_softmax(-1)
+def _divergence(clean: torch.Tensor, other: torch.Tensor, is_logits: bool) -> float:
+    """KL(clean || other) of next-token distributions per token, or relative MSE (encoders)."""
+    if is_logits:
+        lp, lq = clean.float().log_softmax(-1), other.float().log_softmax(-1)
         return float((lp.exp() * (lp - lq)).sum(-1).mean())
-    return float(((noisy - clean).float() ** 2).mean() / (clean.float() ** 2).mean().clamp(min=1e-12))
+    return float(((other - clean).float() ** 2).mean() / (clean.float() ** 2).mean().clamp(min=1e-12))
 
 
-def layer_sensitivity(model: nn.Module, names: list[str], ids: torch.Tensor, eps: float = 0.1,
-                      seed: int = 0) -> dict[str, float]:
-    """Per attention module: how much the model's output moves (KL of the next-token
-    distribution, or relative MSE for non-LM outputs) per unit of relative error energy added
-    to that module's output (Gaussian noise of ``eps`` × its RMS)."""
-    from ..capture import run_cache_free
-
-    with torch.no_grad():
-        clean, is_logits = _output_of(run_cache_free(model, ids))
-    out = {}
-    for name in names:
-        g = torch.Generator().manual_seed(seed)
-
-        def hook(m, a, o, g=g):
-            t = o[0] if isinstance(o, (tuple, list)) else o
-            noise = torch.randn(t.shape, generator=g).to(t) * t.float().pow(2).mean().sqrt() * eps
-            return (t + noise, *o[1:]) if isinstance(o, (tuple, list)) else t + noise
-
-        hk = model.get_submodule(name).register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                noisy, _ = _output_of(run_cache_free(model, ids))
-        finally:
-            hk.remove()
-        out[name] = _divergence(clean, noisy, is_logits) / eps ** 2
-    return out
-
-
-def _rel_error(att: nn.Module, calls: list[dict], targets: list[torch.Tensor]) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for c, t in zip(calls, targets):
-            y = att(**c)
-            y = (y[0] if isinstance(y, (tuple, list)) else y).float()
-            num += float(((y - t) ** 2).sum())
-            den += float((t ** 2).sum())
-    return num / max(den, 1e-30)
-
-
-def error_curves(att: KVAttention, site: AttentionSite, form: MHC, weights: dict, calls: list[dict],
-                 grid: list[int]) -> dict[str, list[float]]:
-    """Relative error of the layer's output with K/V replaced by their rank-``r`` (whitened)
-    approximation, for each ``r`` in ``grid``: ``{"kv": [...]}`` (joint) or ``{"k", "v"}``."""
+def _swap_kv(weights: dict, site: AttentionSite, W: torch.Tensor) -> None:
     D, H = site.head_dim, site.num_kv_heads
-    with torch.no_grad():
-        targets = [(o[0] if isinstance(o, (tuple, list)) else o).float() for o in (att(**c) for c in calls)]
-    x = _proj_input(att.handles()["k_proj"])
-    C = input_covariance(att, x, calls) if form.method == "whitened" else None
-    W, _ = kv_weights(weights, site)
-    saved = [[shared_kv._get(weights, p, h, D) for h in range(H)] for p in (site.k_proj, site.v_proj)]
-    parts = {"kv": list(range(2 * H * D))} if form.joint else {
-        "k": list(range(H * D)), "v": list(range(H * D, 2 * H * D))}
-    out = {}
-    try:
-        for key, rows in parts.items():
-            A, S, Vh = spectra(W, C, rows)
-            errs = []
-            for r in grid:
-                r = min(r, S.numel())
-                approx = W.clone()
-                approx[rows] = ((A[:, :r] * S[:r]) @ Vh[:r]).T
-                for i, p in enumerate((site.k_proj, site.v_proj)):
-                    for h in range(H):
-                        shared_kv._set(weights, p, h, D, approx[i * H * D + h * D: i * H * D + (h + 1) * D], None)
-                errs.append(_rel_error(att, calls, targets))
-            out[key] = errs
-            for i, p in enumerate((site.k_proj, site.v_proj)):
-                for h in range(H):
-                    shared_kv._set(weights, p, h, D, *saved[i][h])
-    finally:
-        for i, p in enumerate((site.k_proj, site.v_proj)):
-            for h in range(H):
-                shared_kv._set(weights, p, h, D, *saved[i][h])
+    for i, p in enumerate((site.k_proj, site.v_proj)):
+        for h in range(H):
+            rows = W[i * H * D + h * D: i * H * D + (h + 1) * D]
+            shared_kv._set(weights, p, h, D, rows, None)
+
+
+def _approx(W: torch.Tensor, spec: dict, part_ranks: dict) -> torch.Tensor:
+    """``W`` with each part's rows replaced by their rank-``part_ranks[key]`` approximation."""
+    out = W.clone()
+    for key, (rows, A, S, Vh) in spec.items():
+        r = min(part_ranks[key], S.numel())
+        out[rows] = ((A[:, :r] * S[:r]) @ Vh[:r]).T
     return out
 
 
 def allocate_ranks(model: nn.Module, sites: list[AttentionSite], forms: dict, lowered: dict, ids: torch.Tensor,
-                   progress: bool = False, feeder=None) -> tuple[dict, dict]:
+                   progress: bool = False, chunks: int = 2) -> tuple[dict, dict]:
     """Spend the total rank of the ``MHC(ratio=x, allocate=True)`` layers where it buys most.
 
-    Predicted damage of layer ``l`` at rank ``r``: ``s_l · e_l(r)`` — ``s_l`` the model's
-    sensitivity to error at that layer's output (:func:`layer_sensitivity`), ``e_l(r)`` the
-    layer's own relative output error at rank ``r`` (:func:`error_curves`, on the layer's
-    calibration inputs).  Greedy: every layer starts at the smallest rank step; steps go one at
-    a time to the (layer, K|V) with the largest damage reduction per latent value, until the
-    budget ``Σ 2·Hkv·D / x`` is spent.  Returns (ranks by site name, details for the report).
+    Damage is *measured* around the uniform operating point: with every layer's K/V cut to
+    its uniform rank ``r̄ = 2·Hkv·D / x`` (whitened approximations swapped into the weights),
+    each layer in turn is moved over a grid of ranks in ``[r̄/2, 2r̄]`` and the model's
+    next-token KL divergence from the original (``chunks`` calibration chunks) is recorded.
+    A dynamic programme then picks one grid rank per layer (per K and V when not joint)
+    minimising the summed damage change within the budget ``Σ r̄`` — exact for that additive
+    model, whatever the curves' shape.  Ranks stay within ``[r̄/2, 2r̄]`` (larger moves break
+    the additive model).  Returns (ranks by site name, details for the report).
     """
     from tqdm.auto import tqdm
 
     from ..calibrate import LayerFeeder
+    from ..capture import run_cache_free
 
     names = [s.name for s in sites]
-    sens = layer_sensitivity(model, names, ids[: min(len(ids), 4)])
-    feeder = feeder or LayerFeeder(model, names, ids)
-    curves, grids, budget = {}, {}, 0
-    for s in tqdm(sites, desc="kvpass: MHC rank allocation", disable=not progress):
+    weights = dict(model.named_parameters())
+    probe = ids[: min(len(ids), chunks)]
+    with torch.no_grad():
+        clean = _output_of(run_cache_free(model, probe))
+    feeder = LayerFeeder(model, names, ids)
+    specs, base, grids, originals = {}, {}, {}, {}
+    budget = 0
+    for s in sites:  # factorise every layer once (on the original model's inputs)
         form = forms[s.name]
         limit = kv_limit(s)
-        budget += max(1, round(limit / form.ratio))
-        part = limit if form.joint else limit // 2
-        step = max(form.groups, part // 24)
-        grids[s.name] = list(range(step, part + 1, step))
-        calls = feeder.inputs(s.name)[:2]
-        curves[s.name] = error_curves(lowered[s.name], s, form, dict(model.named_parameters()), calls,
-                                      grids[s.name])
-    idx = {(n, key): 0 for n in names for key in curves[n]}
-    spent = sum(grids[n][0] for n, _ in idx)
-    while True:
-        best, gain = None, 0.0
-        for (n, key), i in idx.items():
-            g = grids[n]
-            if i + 1 >= len(g) or spent + g[i + 1] - g[i] > budget:
-                continue
-            drop = sens[n] * (curves[n][key][i] - curves[n][key][i + 1]) / (g[i + 1] - g[i])
-            if best is None or drop > gain:
-                best, gain = (n, key), drop
-        if best is None:
-            break
-        n, key = best
-        spent += grids[n][idx[best] + 1] - grids[n][idx[best]]
-        idx[best] += 1
-    ranks = {}
-    for n in names:
-        got = {key: grids[n][idx[(n, key)]] for key in curves[n]}
-        ranks[n] = got["kv"] if "kv" in got else (got["k"], got["v"])
-    details = {"sensitivity": sens, "budget": budget, "spent": spent, "ranks": ranks}
+        total = max(1, round(limit / form.ratio))
+        budget += total
+        H, D = s.num_kv_heads, s.head_dim
+        parts = {"kv": list(range(2 * H * D))} if form.joint else {
+            "k": list(range(H * D)), "v": list(range(H * D, 2 * H * D))}
+        C = None
+        if form.method == "whitened":
+            x = _proj_input(lowered[s.name].handles()["k_proj"])
+            C = input_covariance(lowered[s.name], x, feeder.inputs(s.name))
+        W, _ = kv_weights(weights, s)
+        originals[s.name] = W
+        specs[s.name] = {k: (rows, *spectra(W, C, rows)) for k, rows in parts.items()}
+        share = {"kv": total} if form.joint else {"k": total - total // 2, "v": total // 2}
+        base[s.name] = share
+        unit = form.groups
+        grids[s.name] = {k: sorted({min(len(parts[k]), max(unit, round(r * f / unit) * unit))
+                                    for f in (0.5, 0.625, 0.75, 0.875, 1, 1.25, 1.5, 1.75, 2)})
+                         for k, r in share.items()}
+    saved = {s.name: [[shared_kv._get(weights, p, h, s.head_dim) for h in range(s.num_kv_heads)]
+                      for p in (s.k_proj, s.v_proj)] for s in sites}
+    damage: dict = {}
+    try:
+        for s in sites:
+            _swap_kv(weights, s, _approx(originals[s.name], specs[s.name], base[s.name]))
+        with torch.no_grad():
+            at_base = _divergence(clean[0], _output_of(run_cache_free(model, probe))[0], clean[1])
+        for s in tqdm(sites, desc="kvpass: MHC rank allocation", disable=not progress):
+            damage[s.name] = {}
+            for key, grid in grids[s.name].items():
+                vals = []
+                for r in grid:
+                    ranks = dict(base[s.name], **{key: r})
+                    if ranks == base[s.name]:
+                        vals.append(0.0)
+                        continue
+                    _swap_kv(weights, s, _approx(originals[s.name], specs[s.name], ranks))
+                    with torch.no_grad():
+                        got = _output_of(run_cache_free(model, probe))[0]
+                    vals.append(_divergence(clean[0], got, clean[1]) - at_base)
+                damage[s.name][key] = vals
+            _swap_kv(weights, s, _approx(originals[s.name], specs[s.name], base[s.name]))
+    finally:
+        for s in sites:
+            for i, p in enumerate((s.k_proj, s.v_proj)):
+                for h in range(s.num_kv_heads):
+                    shared_kv._set(weights, p, h, s.head_dim, *saved[s.name][i][h])
+    items = [(n, key, grids[n][key], damage[n][key]) for n in names for key in grids[n]]
+    picked = _knapsack([(g, d) for _, _, g, d in items], budget)
+    ranks: dict = {}
+    for (n, key, _, _), r in zip(items, picked):
+        ranks.setdefault(n, {})[key] = r
+    ranks = {n: v["kv"] if "kv" in v else (v["k"], v["v"]) for n, v in ranks.items()}
+    spent = sum(picked)
+    details = {"budget": budget, "spent": spent, "ranks": ranks, "kl_at_uniform": at_base,
+               "damage": {n: {k: {"ranks": grids[n][k], "kl_change": damage[n][k]} for k in grids[n]}
+                          for n in names}}
     return ranks, details
+
+
+def _knapsack(items: list[tuple[list[int], list[float]]], budget: int) -> list[int]:
+    """One option per item (a rank and its cost change) minimising the summed cost with
+    ``Σ rank <= budget``: a dynamic programme over budget units (the ranks' gcd)."""
+    import math
+
+    unit = 0
+    for grid, _ in items:
+        for r in grid:
+            unit = math.gcd(unit, r)
+    cap = budget // unit
+    inf = float("inf")
+    best = [0.0] * (cap + 1)  # best[u]: least cost of the items so far within u units
+    choices = []
+    for grid, cost in items:
+        new = [inf] * (cap + 1)
+        pick = [0] * (cap + 1)
+        for u in range(cap + 1):
+            for j, r in enumerate(grid):
+                c = r // unit
+                if c <= u and best[u - c] + cost[j] < new[u]:
+                    new[u], pick[u] = best[u - c] + cost[j], j
+        if new[cap] == inf:
+            raise PolicyError(f"MHC.allocate: the budget of {budget} latent values cannot hold the "
+                              "smallest ranks of every layer")
+        best = new
+        choices.append(pick)
+    out, u = [], cap
+    for (grid, _), pick in zip(reversed(items), reversed(choices)):
+        r = grid[pick[u]]
+        out.append(r)
+        u -= r // unit
+    return out[::-1]
