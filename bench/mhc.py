@@ -34,6 +34,7 @@ VARIANTS = {  # name -> (MHC options, heal)
     "whitened+refit": (dict(method="whitened", refit=True), 0),
     "whitened+refit+heal": (dict(method="whitened", refit=True), True),
     "separate+alloc": (dict(method="whitened", joint=False, allocate=True), 0),
+    "whitened+alloc+heal": (dict(method="whitened", allocate=True), True),
 }
 
 
@@ -73,18 +74,32 @@ def main() -> None:
     rows = [{"variant": "original", "ratio": 1.0, score_name: score(model), "kv_bytes_per_token": orig_bytes,
              "cache_ratio": 1.0, "seconds": 0.0}]
     print(_fmt(rows[-1], score_name), flush=True)
+    layer_of = {s.name: s.layer for s in base._kvpass.sites}
     for ratio in args.ratios:
+        allocated = None  # ranks of the first allocate=True variant: later ones reuse them
         for name in args.variants:
             opts, heal = VARIANTS[name]
             if heal is True and args.heal_steps is not None:
                 heal = args.heal_steps
             t = time.time()
-            fast = kvpass.optimize(base, kvpass.MHC(ratio=ratio, **opts), calibration=calib, tokenizer=tok,
+            policy = kvpass.MHC(ratio=ratio, **opts)
+            if opts.get("allocate") and allocated is not None:  # same measurement, not repeated
+                fixed = {k: v for k, v in opts.items() if k != "allocate"}
+                policy = kvpass.Policy(default=kvpass.MHC(ratio=ratio, **fixed), layers={
+                    layer_of[n]: kvpass.MHC(rank=r if isinstance(r, int) else sum(r), **fixed)
+                    for n, r in allocated.items()})
+                if not opts.get("joint", True):
+                    raise SystemExit("reusing a joint=False allocation needs per-K/V ranks; run it alone")
+            fast = kvpass.optimize(base, policy, calibration=calib, tokenizer=tok,
                                    heal=heal, heal_lr=args.heal_lr, progress=True)
             b = kvpass.kv_bytes_per_token(fast)
             row = {"variant": name, "ratio": ratio, score_name: score(fast), "kv_bytes_per_token": b,
                    "cache_ratio": round(orig_bytes / b, 3), "seconds": round(time.time() - t, 1)}
             alloc = fast._kvpass.allocation
+            if alloc and allocated is None:
+                allocated = alloc["ranks"]
+            if allocated is not None and opts.get("allocate"):
+                row["allocation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in allocated.items()}
             if alloc:
                 row["allocation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in alloc["ranks"].items()}
                 row["damage"] = alloc["damage"]

@@ -32,10 +32,10 @@ __all__ = ["calibration_ids", "layer_inputs", "KVStats", "collect_stats"]
 def calibration_ids(calibration, tokenizer=None, *, length: int = 256, max_chunks: int = 16) -> torch.Tensor:
     """Token ids [N, length] from ids, a string, a list of strings, or a text-file path.
 
-    A 2-D tensor is used as given (its rows are the chunks, at most ``max_chunks``)."""
+    A 2-D tensor is used as given (its rows are the chunks, all of them)."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 2:
-            return calibration[:max_chunks]
+            return calibration
         ids = calibration.reshape(-1)
         n = min(max_chunks, ids.numel() // length)
         if n == 0:
@@ -101,7 +101,7 @@ class KVStats:
         self.q2 = self.kk = self.vv = None
 
     def __call__(self, q, k, v):
-        if k is None:
+        if k is None or v is None:  # a cross-layer consumer, or a latent layer (k is its input)
             return
         B, H, S, D = q.shape
         qf = q.detach().float().permute(1, 0, 2, 3).reshape(H, -1, D)  # [H, N, D]

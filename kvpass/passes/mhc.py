@@ -324,7 +324,7 @@ def _output_of(out):
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits, True
-    return (out[0] if isinstance(out, (tuple, list)) else out), False
+    return (out if isinstance(out, torch.Tensor) else out[0]), False  # tuples and HF ModelOutputs
 
 
 def _divergence(clean: torch.Tensor, other: torch.Tensor, is_logits: bool) -> float:
