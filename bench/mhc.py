@@ -35,6 +35,8 @@ VARIANTS = {  # name -> (MHC options, heal)
     "whitened+refit+heal": (dict(method="whitened", refit=True), True),
     "separate+alloc": (dict(method="whitened", joint=False, allocate=True), 0),
     "whitened+alloc+heal": (dict(method="whitened", allocate=True), True),
+    "aware": (dict(method="aware"), 0),
+    "aware+alloc": (dict(method="aware", allocate=True), 0),
 }
 
 

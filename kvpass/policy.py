@@ -115,8 +115,9 @@ class MHC(Form):
     Give ``rank`` (latent values per token and layer) or ``ratio`` (the cache is ``1/ratio`` of
     the layer's K/V: ``rank = 2·Hkv·D / ratio``).  ``joint``: one latent for K and V together
     (else separate K and V latents, rank split between them); ``groups``: per group of KV heads;
-    ``method``: ``"svd"`` of the weights or ``"whitened"`` (by the calibration inputs'
-    covariance: minimises the error on real activations); ``allocate`` (with ``ratio``): spend
+    ``method``: ``"svd"`` of the weights, ``"whitened"`` (by the calibration inputs'
+    covariance: minimises the error on real activations) or ``"aware"`` (whitened, and keys /
+    values weighted by how their errors reach scores / outputs); ``allocate`` (with ``ratio``): spend
     the model's total rank unevenly over layers (and K vs V when not joint) by measured
     calibration sensitivity; ``refit``: refit the output projection by least squares on
     calibration data after truncation.  See :mod:`kvpass.passes.mhc`.
@@ -142,7 +143,7 @@ class MHC(Form):
             raise PolicyError("MHC: give exactly one of rank=r or ratio=x")
         _check(n, "joint", self.joint, isinstance(self.joint, bool), "True, False")
         _pos_int(n, "groups", self.groups)
-        _choice(n, "method", self.method, ("svd", "whitened"))
+        _choice(n, "method", self.method, ("svd", "whitened", "aware"))
         _check(n, "allocate", self.allocate, isinstance(self.allocate, bool), "True, False")
         _check(n, "refit", self.refit, isinstance(self.refit, bool), "True, False")
         if self.allocate and self.ratio is None:

@@ -59,7 +59,7 @@ FAMILIES = ["llama", "gemma3", "gpt_neox", "phi3", "gpt2", "bert", "handwritten_
 
 
 @settings(deadline=None)
-@given(name=st.sampled_from(FAMILIES), method=st.sampled_from(["svd", "whitened"]),
+@given(name=st.sampled_from(FAMILIES), method=st.sampled_from(["svd", "whitened", "aware"]),
        layout=st.sampled_from([(True, 1), (False, 1), (True, 2)]), extra=st.integers(0, 24),
        seq=st.integers(2, 19), seed=st.integers(0, 100))
 def test_rank_at_least_weight_rank_is_exact(name, method, layout, extra, seq, seed):

@@ -9,6 +9,9 @@ channel maps, so separate, fused and interleaved layouts alike) are factorised j
 * ``method="whitened"``: SVD of ``Lᵀ Wᵀ`` where ``L Lᵀ = E[x xᵀ]`` on calibration text, then
   ``A = L⁻ᵀ U_r``: minimises the error on the layer's real inputs, ``E‖x (Wᵀ − A B)‖²``.
   Inputs have outlier channels (variance 100s× the median), which plain SVD ignores.
+* ``method="aware"``: whitened, and the output side weighted too — key rows by the query
+  statistics of the heads reading them (score error), value rows by the output projection
+  (output error): ``svd(Lᵀ Wᵀ R^½)`` (:func:`output_weights`).
 * ``joint=False``: separate K and V latents (ranks split between them); ``groups=g``: one
   latent per group of KV heads (the latent is their concatenation).
 * ``refit=True``: after truncation, the output projection is refitted by least squares so
@@ -53,7 +56,7 @@ __all__ = ["apply", "factorize", "kv_weights", "layer_rank", "blocks", "needs_ca
 
 
 def needs_calibration(form: MHC) -> bool:
-    return form.method == "whitened" or form.refit or form.allocate
+    return form.method != "svd" or form.refit or form.allocate
 
 
 def kv_limit(site: AttentionSite) -> int:
@@ -117,31 +120,19 @@ def kv_weights(weights: dict, site: AttentionSite) -> tuple[torch.Tensor, torch.
     return torch.cat(rows), (torch.cat(bias) if has_bias else None)
 
 
-def factorize(W: torch.Tensor, C: torch.Tensor | None, blocks_: list, damp: float = 1e-6):
-    """``A`` [in, r], ``B`` [r, rows] with ``x A B ≈ x Wᵀ`` per block (whitened by ``C`` if
-    given: ``C = E[x xᵀ]``).  Ranks above a block's size are cut to it."""
-    n_out, d_in = W.shape
-    L = None
-    if C is not None:
-        C = C.double()
-        C = C + damp * C.diagonal().mean().clamp(min=1e-12) * torch.eye(d_in, dtype=C.dtype)
-        L = torch.linalg.cholesky(C)
-    As, Bs = [], []
-    for rows, r in blocks_:
-        Wb = W[rows].double()
-        M = Wb.T if L is None else L.T @ Wb.T
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        r = min(r, S.numel())
-        A = U[:, :r] if L is None else torch.linalg.solve_triangular(L.T, U[:, :r], upper=True)
-        B = torch.zeros(r, n_out, dtype=torch.float64)
-        B[:, rows] = S[:r, None] * Vh[:r]
-        As.append(A)
-        Bs.append(B)
-    return torch.cat(As, 1), torch.cat(Bs, 0)
+def _sqrt_pair(R: torch.Tensor, damp: float = 1e-6):
+    """(R^½, R^-½) of a symmetric PSD matrix (damped)."""
+    lam, Q = torch.linalg.eigh(R.double())
+    lam = lam.clamp(min=0) + damp * lam.clamp(min=0).mean().clamp(min=1e-12)
+    return (Q * lam.sqrt()) @ Q.T, (Q / lam.sqrt()) @ Q.T
 
 
-def spectra(W: torch.Tensor, C: torch.Tensor | None, rows: list[int], damp: float = 1e-6):
-    """(U-based A, S, Vh) of one block, for trying many ranks cheaply."""
+def spectra(W: torch.Tensor, C: torch.Tensor | None, rows: list[int], R: torch.Tensor | None = None,
+            damp: float = 1e-6):
+    """``(A, S, Vh)`` of one block: ``x Wᵀ`` at rank r is ``x A[:, :r] S[:r] Vh[:r]``.
+
+    Minimises ``E‖x (Wᵀ − A B) R^½‖²`` with ``E[x xᵀ] = C`` (``C`` None: plain weights;
+    ``R`` None: every output row counts alike)."""
     d_in = W.shape[1]
     Wb = W[rows].double()
     L = None
@@ -149,9 +140,51 @@ def spectra(W: torch.Tensor, C: torch.Tensor | None, rows: list[int], damp: floa
         C = C.double() + damp * C.double().diagonal().mean().clamp(min=1e-12) * torch.eye(d_in, dtype=torch.float64)
         L = torch.linalg.cholesky(C)
     M = Wb.T if L is None else L.T @ Wb.T
+    Rinv = None
+    if R is not None:
+        Rh, Rinv = _sqrt_pair(R[rows][:, rows])
+        M = M @ Rh
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     A = U if L is None else torch.linalg.solve_triangular(L.T, U, upper=True)
-    return A, S, Vh
+    return A, S, (Vh if Rinv is None else Vh @ Rinv)
+
+
+def factorize(W: torch.Tensor, C: torch.Tensor | None, blocks_: list, R: torch.Tensor | None = None):
+    """``A`` [in, r], ``B`` [r, rows] with ``x A B ≈ x Wᵀ`` per block (see :func:`spectra`).
+    Ranks above a block's size are cut to it."""
+    n_out = W.shape[0]
+    As, Bs = [], []
+    for rows, r in blocks_:
+        A, S, Vh = spectra(W, C, rows, R)
+        r = min(r, S.numel())
+        B = torch.zeros(r, n_out, dtype=torch.float64)
+        B[:, rows] = S[:r, None] * Vh[:r]
+        As.append(A[:, :r])
+        Bs.append(B)
+    return torch.cat(As, 1), torch.cat(Bs, 0)
+
+
+def output_weights(site: AttentionSite, stats, weights: dict) -> torch.Tensor:
+    """``R`` for ``method="aware"``: per KV head, keys weighted by ``Σ E[q qᵀ]`` of the query
+    heads reading it (the score error ``E[(q·Δk)²]``), values by ``Σ W_o,hᵀ W_o,h`` of the
+    output-projection columns they feed (the output error); each part scaled to trace = its
+    size, so K and V keep their shares of the joint SVD."""
+    H, Hkv, D = site.num_heads, site.num_kv_heads, site.head_dim
+    if stats is None or stats.q2 is None:
+        raise SiteError(f"{site.name}: MHC(method='aware') needs calibration data")
+    R = torch.zeros(2 * Hkv * D, 2 * Hkv * D, dtype=torch.float64)
+    for kv in range(Hkv):
+        readers = [h for h in range(H) if site.kv_head_map[h] == kv]
+        k = sum(stats.q2[h].double() for h in readers) / max(stats.n, 1)
+        o = [shared_kv._get_cols(weights, site.o_proj, h, D).double() for h in readers]
+        v = sum(b.T @ b for b in o)
+        R[kv * D:(kv + 1) * D, kv * D:(kv + 1) * D] = k
+        off = Hkv * D + kv * D
+        R[off:off + D, off:off + D] = v
+    n = Hkv * D
+    for part in (slice(0, n), slice(n, 2 * n)):
+        R[part, part] *= n / R[part, part].trace().clamp(min=1e-30)
+    return R
 
 
 # ------------------------------------------------------------------------------ graph work
@@ -261,10 +294,11 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
         if not ctx.calls:
             raise SiteError(f"{site.name}: MHC(method='whitened' / refit) needs calibration data "
                             "(optimize(..., calibration=...))")
-    if form.method == "whitened":
+    if form.method in ("whitened", "aware"):
         C = input_covariance(att, x, ctx.calls)
+    R = output_weights(site, ctx.stats, ctx.weights) if form.method == "aware" else None
     W, bias = kv_weights(ctx.weights, site)
-    A, B = factorize(W, C, bl)
+    A, B = factorize(W, C, bl, R)
     teacher = snapshot(att) if form.refit else None
     HD = site.num_kv_heads * site.head_dim
     dtype = ctx.weights[site.k_proj.weight].dtype
@@ -367,7 +401,7 @@ def allocate_ranks(model: nn.Module, sites: list[AttentionSite], forms: dict, lo
     """
     from tqdm.auto import tqdm
 
-    from ..calibrate import LayerFeeder
+    from ..calibrate import LayerFeeder, collect_stats
     from ..capture import run_cache_free
 
     names = [s.name for s in sites]
@@ -386,13 +420,18 @@ def allocate_ranks(model: nn.Module, sites: list[AttentionSite], forms: dict, lo
         H, D = s.num_kv_heads, s.head_dim
         parts = {"kv": list(range(2 * H * D))} if form.joint else {
             "k": list(range(H * D)), "v": list(range(H * D, 2 * H * D))}
-        C = None
-        if form.method == "whitened":
-            x = _proj_input(lowered[s.name].handles()["k_proj"])
-            C = input_covariance(lowered[s.name], x, feeder.inputs(s.name))
+        C = R = None
+        if form.method != "svd":
+            att, calls = lowered[s.name], feeder.inputs(s.name)
+            C = input_covariance(att, _proj_input(att.handles()["k_proj"]), calls)
+            if form.method == "aware":
+                with torch.no_grad(), collect_stats(att.kv_core) as stats:
+                    for c in calls:
+                        att(**c)
+                R = output_weights(s, stats, weights)
         W, _ = kv_weights(weights, s)
         originals[s.name] = W
-        specs[s.name] = {k: (rows, *spectra(W, C, rows)) for k, rows in parts.items()}
+        specs[s.name] = {k: (rows, *spectra(W, C, rows, R)) for k, rows in parts.items()}
         share = {"kv": total} if form.joint else {"k": total - total // 2, "v": total // 2}
         base[s.name] = share
         unit = form.groups
