@@ -22,8 +22,8 @@ import torch
 
 import kvpass
 from kvpass import models
-from kvpass.evaluate_basic import embedding_cosine, perplexity
-from kvpass.text import load_text, split_sentences, token_chunks
+from kvpass.evaluate_basic import quality_scorer
+from kvpass.text import load_text, token_chunks
 
 VARIANTS = {  # name -> (MHC options, heal)
     "svd": (dict(method="svd"), 0),
@@ -37,6 +37,7 @@ VARIANTS = {  # name -> (MHC options, heal)
     "whitened+alloc+heal": (dict(method="whitened", allocate=True), True),
     "aware": (dict(method="aware"), 0),
     "aware+alloc": (dict(method="aware", allocate=True), 0),
+    "aware+alloc+heal": (dict(method="aware", allocate=True), True),
 }
 
 
@@ -55,20 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = models.load(args.model)
-    encoder = "ForCausalLM" not in type(model).__name__
     calib = token_chunks(tok, load_text("calibration"), args.calib_len, args.calib_chunks)
-    if encoder:
-        sentences = split_sentences(load_text("eval"), 256)
-        score_name = "cosine"
-
-        def score(m):
-            return embedding_cosine(model, m, tok, sentences, progress=False)
-    else:
-        chunks = token_chunks(tok, load_text("eval"), args.eval_len, args.eval_chunks)
-        score_name = "perplexity"
-
-        def score(m):
-            return perplexity(m, chunks, progress=False)
+    score_name, score = quality_scorer(model, tok, load_text("eval"), args.eval_len, args.eval_chunks)
     t = time.time()
     base = kvpass.optimize(model)  # captured once; each variant below re-plans it
     print(f"capture: {time.time() - t:.0f}s", flush=True)

@@ -19,8 +19,8 @@ import torch
 
 import kvpass
 from kvpass import models
-from kvpass.evaluate_basic import embedding_cosine, perplexity
-from kvpass.text import load_text, split_sentences, token_chunks
+from kvpass.evaluate_basic import quality_scorer
+from kvpass.text import load_text, token_chunks
 
 VARIANTS = {
     "mean": dict(merge="mean", grouping="contiguous", heal=0),
@@ -47,18 +47,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = models.load(args.model)
-    encoder = not hasattr(model, "generate") or "ForCausalLM" not in type(model).__name__
     calib = token_chunks(tok, load_text("calibration"), args.calib_len, args.calib_chunks)
-    if encoder:
-        sentences = split_sentences(load_text("eval"), 256)
-        score_name = "cosine"
-        def score(m):
-            return embedding_cosine(model, m, tok, sentences, progress=False)
-    else:
-        chunks = token_chunks(tok, load_text("eval"), args.eval_len, args.eval_chunks)
-        score_name = "perplexity"
-        def score(m):
-            return perplexity(m, chunks, progress=False)
+    score_name, score = quality_scorer(model, tok, load_text("eval"), args.eval_len, args.eval_chunks)
     kv = kvpass.find_sites(model)[0].num_kv_heads
     heads = args.kv_heads or [h for h in (kv // 2, kv // 3, kv // 4, 1) if h >= 1 and kv % h == 0]
     rows = [{"variant": "original", "kv_heads": kv, score_name: score(model),

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from .errors import CaptureError
 
 __all__ = ["Captured", "capture", "capture_call", "default_example_inputs", "bind_call", "cache_free_call",
-           "run_cache_free"]
+           "run_cache_free", "sample_env"]
 
 SAMPLE_BATCH, SAMPLE_SEQ = 2, 13  # distinct, > 1: no dimension gets specialised by accident
 
@@ -138,7 +138,8 @@ def _unlifted(ep) -> fx.GraphModule:
     return gm
 
 
-def _sample_env(gm: fx.GraphModule, leaves: list) -> dict:
+def sample_env(gm: fx.GraphModule, leaves: list) -> dict:
+    """Every node's value when ``gm`` runs on ``leaves``."""
     env: dict[fx.Node, object] = {}
 
     class Recorder(fx.Interpreter):
@@ -163,7 +164,7 @@ def capture_call(module: nn.Module, kwargs: dict, *, run: bool = True) -> Captur
         raise CaptureError(f"{type(module).__name__}: graph has {n_in} inputs, call has {len(leaves)}")
     cap = Captured(gm, paths, ep.call_spec.out_spec, sample=kwargs)
     if run:
-        cap.env = _sample_env(gm, leaves)
+        cap.env = sample_env(gm, leaves)
     return cap
 
 

@@ -77,3 +77,17 @@ def embedding_cosine(
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def quality_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_text: str,
+                   eval_len: int = 1024, eval_chunks: int = 16):
+    """``(name, score)`` for comparing rewrites of ``model`` on held-out text: decoders get
+    ``perplexity`` of ``eval_chunks`` × ``eval_len`` tokens, encoders the mean ``cosine`` of
+    sentence embeddings (256 sentences) to ``model``'s own."""
+    from .text import split_sentences, token_chunks
+
+    if "ForCausalLM" not in type(model).__name__:
+        sentences = split_sentences(eval_text, 256)
+        return "cosine", lambda m: embedding_cosine(model, m, tokenizer, sentences, progress=False)
+    chunks = token_chunks(tokenizer, eval_text, eval_len, eval_chunks)
+    return "perplexity", lambda m: perplexity(m, chunks, progress=False)

@@ -31,24 +31,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import graphutil as gu
-from .capture import Captured
+from .capture import Captured, sample_env
 from .errors import SiteError
 
 __all__ = ["Latent", "PathFn", "PositionFn", "sample_env"]
-
-
-def sample_env(gm: fx.GraphModule, leaves: list) -> dict:
-    """Every node's value when ``gm`` runs on ``leaves``."""
-    env: dict[fx.Node, object] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            env[n] = super().run_node(n)
-            return env[n]
-
-    with torch.no_grad():
-        Recorder(gm).run(*leaves)
-    return env
 
 
 class PositionFn:

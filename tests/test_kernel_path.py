@@ -23,14 +23,19 @@ print("RESULT", float(d), same, len(calls) > 0, kvpass.codegen.interpreting())
 """
 
 
-def test_optimised_model_on_interpreted_kernels():
-    env = {"KVPASS_KERNELS": "interpret", "PYTHONPATH": "tests"}
+def _result(script: str, timeout: int) -> list[str]:
+    """Run ``script`` in a fresh interpreter with interpreted kernels; its RESULT fields."""
     import os
-    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=600)
+    env = {"KVPASS_KERNELS": "interpret", "PYTHONPATH": "tests"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=timeout)
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
     assert line, r.stderr[-3000:]
-    _, diff, same, called, interp = line[0].split()
+    return line[0].split()[1:]
+
+
+def test_optimised_model_on_interpreted_kernels():
+    diff, same, called, interp = _result(SCRIPT, 600)
     assert float(diff) <= 1e-5 and same == "True" and called == "True" and interp == "True"
 
 
@@ -62,13 +67,7 @@ print("RESULT", worst, any(calls), not all(calls))
 def test_window_and_sparse_layers_on_interpreted_kernels():
     """Ring-buffer positions, windows+sinks and block tables reach the generated kernels
     (prefill and decode), which agree with the reference."""
-    env = {"KVPASS_KERNELS": "interpret", "PYTHONPATH": "tests"}
-    import os
-    r = subprocess.run([sys.executable, "-c", WINDOW_SCRIPT], capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=900)
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
-    assert line, r.stderr[-3000:]
-    _, diff, with_table, without_table = line[0].split()
+    diff, with_table, without_table = _result(WINDOW_SCRIPT, 900)
     assert float(diff) <= 1e-4 and with_table == "True" and without_table == "True"
 
 
@@ -100,11 +99,5 @@ print("RESULT", worst, 24 in calls, 16 in calls)
 def test_mhc_layers_on_interpreted_kernels():
     """Latent layers reach the generated kernels (absorbed: head_dim = latent rank 24;
     decompressed: the model's head_dim 16), prefill and decode, equal to the reference."""
-    env = {"KVPASS_KERNELS": "interpret", "PYTHONPATH": "tests"}
-    import os
-    r = subprocess.run([sys.executable, "-c", MHC_SCRIPT], capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=900)
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
-    assert line, r.stderr[-3000:]
-    _, diff, absorbed, decompressed = line[0].split()
+    diff, absorbed, decompressed = _result(MHC_SCRIPT, 900)
     assert float(diff) <= 1e-4 and absorbed == "True" and decompressed == "True"
