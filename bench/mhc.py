@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-import torch
+from _common import add_quality_args, load_for_quality
 
 import kvpass
-from kvpass import models
-from kvpass.evaluate_basic import quality_scorer
-from kvpass.text import load_text, token_chunks
 
 VARIANTS = {  # name -> (MHC options, heal)
     "svd": (dict(method="svd"), 0),
@@ -46,18 +42,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS)[:5], choices=list(VARIANTS))
-    ap.add_argument("--calib-chunks", type=int, default=16)
-    ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--eval-chunks", type=int, default=16)
-    ap.add_argument("--eval-len", type=int, default=1024)
-    ap.add_argument("--heal-steps", type=int, default=None)
-    ap.add_argument("--heal-lr", type=float, default=2e-3)
-    ap.add_argument("--json", type=Path, default=None)
+    add_quality_args(ap, eval_len=1024)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model, tok = models.load(args.model)
-    calib = token_chunks(tok, load_text("calibration"), args.calib_len, args.calib_chunks)
-    score_name, score = quality_scorer(model, tok, load_text("eval"), args.eval_len, args.eval_chunks)
+    model, tok, calib, score_name, score = load_for_quality(args)
     t = time.time()
     base = kvpass.optimize(model)  # captured once; each variant below re-plans it
     print(f"capture: {time.time() - t:.0f}s", flush=True)

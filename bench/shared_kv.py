@@ -13,14 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-import torch
+from _common import add_quality_args, load_for_quality
 
 import kvpass
-from kvpass import models
-from kvpass.evaluate_basic import quality_scorer
-from kvpass.text import load_text, token_chunks
 
 VARIANTS = {
     "mean": dict(merge="mean", grouping="contiguous", heal=0),
@@ -37,18 +33,9 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, nargs="+", default=None)
     ap.add_argument("--cross-layer", type=int, default=0, help="also run SharedKV(cross_layer=k)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--calib-chunks", type=int, default=16)
-    ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--eval-chunks", type=int, default=16)
-    ap.add_argument("--eval-len", type=int, default=512)
-    ap.add_argument("--heal-steps", type=int, default=None)
-    ap.add_argument("--heal-lr", type=float, default=2e-3)
-    ap.add_argument("--json", type=Path, default=None)
+    add_quality_args(ap, eval_len=512)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model, tok = models.load(args.model)
-    calib = token_chunks(tok, load_text("calibration"), args.calib_len, args.calib_chunks)
-    score_name, score = quality_scorer(model, tok, load_text("eval"), args.eval_len, args.eval_chunks)
+    model, tok, calib, score_name, score = load_for_quality(args)
     kv = kvpass.find_sites(model)[0].num_kv_heads
     heads = args.kv_heads or [h for h in (kv // 2, kv // 3, kv // 4, 1) if h >= 1 and kv % h == 0]
     rows = [{"variant": "original", "kv_heads": kv, score_name: score(model),
