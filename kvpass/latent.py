@@ -27,14 +27,16 @@ Example (an exact latent of a 2-head layer, absorbed form):
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, fx, nn
 
 from . import graphutil as gu
-from .capture import Captured, sample_env
+from .capture import Captured
 from .errors import SiteError
 
-__all__ = ["Latent", "PathFn", "PositionFn", "sample_env"]
+__all__ = ["Latent", "PathFn", "PositionFn"]
 
 
 class PositionFn:
@@ -64,7 +66,7 @@ class PositionFn:
                 self.inputs.append(("ids" if ids else "ones" if axis is not None else "const", v, axis))
             else:
                 if n.op == "get_attr":
-                    t = gu_fetch(cap.module, n.target)
+                    t = operator.attrgetter(n.target)(cap.module)
                     if isinstance(t, Tensor) and t.numel() > (1 << 20):
                         raise SiteError(f"position input {node.name} is computed from a large tensor "
                                         f"({n.target}); kvpass cannot rebuild it for other positions")
@@ -112,13 +114,6 @@ class PositionFn:
         p = pos.clamp(min=0)
         t = self.table(int(p.max()) + 1 if p.numel() else 1, p.device)
         return t[p].movedim(1, self.axis)
-
-
-def gu_fetch(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class PathFn:

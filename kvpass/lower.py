@@ -341,6 +341,10 @@ class KVAttention(nn.Module):
         nodes = {n.name: n for n in self.graph_module.graph.nodes}
         return {k: nodes.get(v) if v is not None else None for k, v in self._handles.items()}
 
+    def core_call(self) -> fx.Node:
+        """The graph node calling ``kv_core`` (args: q, k, v, mask)."""
+        return next(n for n in self.graph_module.graph.nodes if n.op == "call_module" and n.target == "kv_core")
+
     def sample_leaves(self) -> list:
         """The graph inputs of the sample call the module was captured with."""
         return [self._consts[p] for p in self._paths]
@@ -364,8 +368,7 @@ class KVAttention(nn.Module):
     def drop_kv_inputs(self) -> list[str]:
         """Stop computing keys/values (a cross-layer consumer): cut them from the graph and
         remove parameters nothing reads any more.  Returns the removed parameter names."""
-        gm = self.graph_module
-        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "kv_core")
+        call = self.core_call()
         call.args = (call.args[0], None, None, call.args[3])
         return self.remove_unused_parameters()
 

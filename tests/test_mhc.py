@@ -70,7 +70,7 @@ def test_rank_at_least_weight_rank_is_exact(name, method, layout, extra, seq, se
     # every factorised block (K and/or V rows of a head group) has rank <= LOW_RANK: a share of
     # at least LOW_RANK per block is enough
     need = LOW_RANK * groups * (1 if joint else 2)
-    limit = min(mhc.kv_limit(s) for s in base._kvpass.sites)
+    limit = min(s.kv_values_per_token() for s in base._kvpass.sites)
     rank = min(limit, need + extra)
     fast = kvpass.optimize(base, kvpass.MHC(rank=rank, method=method, joint=joint, groups=groups),
                            calibration=CALIB)

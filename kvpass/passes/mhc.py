@@ -44,9 +44,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..capture import sample_env
 from ..errors import PolicyError, SiteError
 from ..heal import snapshot
-from ..latent import Latent, PathFn, PositionFn, sample_env
+from ..latent import Latent, PathFn, PositionFn
 from ..lower import KVAttention, LayerPlan
 from ..policy import MHC
 from ..sites import AttentionSite
@@ -59,13 +60,9 @@ def needs_calibration(form: MHC) -> bool:
     return form.method != "svd" or form.refit or form.allocate
 
 
-def kv_limit(site: AttentionSite) -> int:
-    return 2 * site.num_kv_heads * site.head_dim
-
-
 def layer_rank(site: AttentionSite, form: MHC, ctx=None):
     """The latent size of this layer: an int (joint) or (rank_k, rank_v) (``joint=False``)."""
-    limit = kv_limit(site)
+    limit = site.kv_values_per_token()
     if ctx is not None and site.name in ctx.ranks:
         return ctx.ranks[site.name]
     if form.rank is not None:
@@ -289,13 +286,10 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
         paths = {"k": kpath, "v": vpath, "q": qpath}
         _attach_positions(site, paths, env)
         paths = (kpath, vpath, qpath)
-    C = None
-    if form.method == "whitened" or form.refit:
-        if not ctx.calls:
-            raise SiteError(f"{site.name}: MHC(method='whitened' / refit) needs calibration data "
-                            "(optimize(..., calibration=...))")
-    if form.method in ("whitened", "aware"):
-        C = input_covariance(att, x, ctx.calls)
+    if needs_calibration(form) and not ctx.calls:
+        raise SiteError(f"{site.name}: MHC(method={form.method!r}, refit={form.refit}) needs calibration "
+                        "data (optimize(..., calibration=...))")
+    C = input_covariance(att, x, ctx.calls) if form.method != "svd" else None
     R = output_weights(site, ctx.stats, ctx.weights) if form.method == "aware" else None
     W, bias = kv_weights(ctx.weights, site)
     A, B = factorize(W, C, bl, R)
@@ -309,7 +303,7 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
                  kv_heads=site.num_kv_heads, head_dim=site.head_dim, paths=paths,
                  channels=(site.k_proj.channels, site.v_proj.channels))
     core.latent = lat
-    call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "kv_core")
+    call = att.core_call()
     q_src = h["q_proj"] if paths is not None and paths[2] is not None else call.args[0]
     call.args = (q_src, x, None, call.args[3])
     ctx.removed += att.remove_unused_parameters()
@@ -401,7 +395,7 @@ def allocate_ranks(model: nn.Module, sites: list[AttentionSite], forms: dict, lo
     """
     from tqdm.auto import tqdm
 
-    from ..calibrate import LayerFeeder, collect_stats
+    from ..calibrate import LayerFeeder, collect_stats, run_calls
     from ..capture import run_cache_free
 
     names = [s.name for s in sites]
@@ -414,9 +408,9 @@ def allocate_ranks(model: nn.Module, sites: list[AttentionSite], forms: dict, lo
     budget = 0
     for s in sites:  # factorise every layer once (on the original model's inputs)
         form = forms[s.name]
-        limit = kv_limit(s)
-        total = max(1, round(limit / form.ratio))
-        budget += total
+        r = layer_rank(s, form)
+        share = {"kv": r} if form.joint else dict(zip("kv", r))
+        budget += sum(share.values())
         H, D = s.num_kv_heads, s.head_dim
         parts = {"kv": list(range(2 * H * D))} if form.joint else {
             "k": list(range(H * D)), "v": list(range(H * D, 2 * H * D))}
@@ -426,20 +420,16 @@ def allocate_ranks(model: nn.Module, sites: list[AttentionSite], forms: dict, lo
             C = input_covariance(att, _proj_input(att.handles()["k_proj"]), calls)
             if form.method == "aware":
                 with torch.no_grad(), collect_stats(att.kv_core) as stats:
-                    for c in calls:
-                        att(**c)
+                    run_calls(att, calls)
                 R = output_weights(s, stats, weights)
         W, _ = kv_weights(weights, s)
         originals[s.name] = W
         specs[s.name] = {k: (rows, *spectra(W, C, rows, R)) for k, rows in parts.items()}
-        share = {"kv": total} if form.joint else {"k": total - total // 2, "v": total // 2}
         base[s.name] = share
         unit = form.groups
         grids[s.name] = {k: sorted({min(len(parts[k]), max(unit, round(r * f / unit) * unit))
                                     for f in (0.5, 0.625, 0.75, 0.875, 1, 1.25, 1.5, 1.75, 2)})
                          for k, r in share.items()}
-    saved = {s.name: [[shared_kv._get(weights, p, h, s.head_dim) for h in range(s.num_kv_heads)]
-                      for p in (s.k_proj, s.v_proj)] for s in sites}
     damage: dict = {}
     try:
         for s in sites:
@@ -461,11 +451,9 @@ def allocate_ranks(model: nn.Module, sites: list[AttentionSite], forms: dict, lo
                     vals.append(_divergence(clean[0], got, clean[1]) - at_base)
                 damage[s.name][key] = vals
             _swap_kv(weights, s, _approx(originals[s.name], specs[s.name], base[s.name]))
-    finally:
+    finally:  # the original weights (float64 copies of them: exact); biases were never touched
         for s in sites:
-            for i, p in enumerate((s.k_proj, s.v_proj)):
-                for h in range(s.num_kv_heads):
-                    shared_kv._set(weights, p, h, s.head_dim, *saved[s.name][i][h])
+            _swap_kv(weights, s, originals[s.name])
     items = [(n, key, grids[n][key], damage[n][key]) for n in names for key in grids[n]]
     picked = _knapsack([(g, d) for _, _, g, d in items], budget)
     ranks: dict = {}

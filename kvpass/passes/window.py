@@ -22,7 +22,7 @@ Example:
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
     ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     >>> m = kvpass.optimize(LlamaForCausalLM(cfg).eval(), kvpass.Window(size=8, sinks=2))
-    >>> out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, do_sample=False,
+    >>> out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
     ...                  return_dict_in_generate=True)
     >>> [layer.keys.shape[2] for layer in out.cache.layers]  # 10 slots, not 22
     [10, 10]
