@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 from _common import add_quality_args, load_for_quality
 
@@ -42,6 +44,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS)[:5], choices=list(VARIANTS))
+    ap.add_argument("--allocation-from", type=Path, default=None,
+                    help="reuse the allocation of a row of this JSON (same model and ratio) instead of "
+                         "measuring it again (~20 min per ratio on SmolLM2 on 2 CPU cores)")
     add_quality_args(ap, eval_len=1024)
     args = ap.parse_args()
     model, tok, calib, score_name, score = load_for_quality(args)
@@ -54,7 +59,8 @@ def main() -> None:
     print(_fmt(rows[-1], score_name), flush=True)
     layer_of = {s.name: s.layer for s in base._kvpass.sites}
     for ratio in args.ratios:
-        allocated = None  # ranks of the first allocate=True variant: later ones reuse them
+        allocated = _allocation_from(args.allocation_from, ratio) if args.allocation_from else None
+        # ranks of the first allocate=True variant: later ones reuse them
         for name in args.variants:
             opts, heal = VARIANTS[name]
             if heal is True and args.heal_steps is not None:
@@ -90,9 +96,17 @@ def main() -> None:
             del fast
 
 
+def _allocation_from(path: Path, ratio: float) -> dict | None:
+    for row in json.loads(path.read_text())["rows"]:
+        if row.get("ratio") == ratio and "allocation" in row:
+            return row["allocation"]
+    raise SystemExit(f"{path}: no row with ratio {ratio:g} and an allocation")
+
+
 def _write(args, rows) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": args.model, "calibration": "persuasion", "evaluation": "emma",
+    command = "python " + " ".join(sys.argv)
+    args.json.write_text(json.dumps({"command": command, "model": args.model, "calibration": "persuasion", "evaluation": "emma",
                                      "eval_len": args.eval_len, "eval_chunks": args.eval_chunks,
                                      "rows": rows}, indent=2))
 

@@ -28,6 +28,7 @@ Example (an exact latent of a 2-head layer, absorbed form):
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
@@ -35,8 +36,9 @@ from torch import Tensor, fx, nn
 from . import graphutil as gu
 from .capture import Captured
 from .errors import SiteError
+from .reference import LatentWeights
 
-__all__ = ["Latent", "PathFn", "PositionFn"]
+__all__ = ["Latent", "PathFn", "PositionFn", "KeyFit", "fit_key_path"]
 
 
 class PositionFn:
@@ -192,6 +194,10 @@ class Latent(nn.Module):
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self._paths = list(paths) if paths is not None else None  # unregistered (own norm weights)
         self._channels = channels  # (key, value) projection channels per (head, dim)
+        # decompress form: the key path as the fused latent kernels compute it (fit_key_path),
+        # or why it does not fit (then K/V are decompressed in torch for the attended tokens)
+        self.fit: KeyFit | None = None
+        self.fit_error: str | None = None
 
     @property
     def rank(self) -> int:
@@ -202,7 +208,10 @@ class Latent(nn.Module):
         return self._paths is None
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, form={'absorbed' if self.absorbed else 'decompress'}"
+        form = "absorbed" if self.absorbed else "decompress"
+        if not self.absorbed:
+            form += ", fused kernels" if self.fit is not None else f", not fused: {self.fit_error}"
+        return f"rank={self.rank}, form={form}"
 
     def batch_seq(self, q: Tensor, x: Tensor) -> tuple[int, int]:
         if x.dim() == 3:
@@ -247,6 +256,24 @@ class Latent(nn.Module):
         """[B, H, Sq, D] -> [B, H, Sq, r]: ``q_h · B_k,hᵀ`` (scores against latents)."""
         return torch.einsum("bhsd,hdr->bhsr", q, self._per_head(self.up_k, head_map).to(q.dtype))
 
+    def fused_weights(self, fit: KeyFit, dtype: torch.dtype) -> LatentWeights:
+        """The weights the fused latent kernels read (``up_*`` in ``dtype``, the rest fp32)."""
+        hkv, D = self.kv_heads, self.head_dim
+
+        def per_head(up: Tensor) -> Tensor:  # [Hkv·D, r] -> [Hkv, r, D]
+            return up.detach().view(hkv, D, -1).transpose(1, 2).to(dtype).contiguous()
+
+        def bias(b: Tensor | None) -> Tensor:
+            return torch.zeros(hkv * D, device=self.up_k.device) if b is None else b.detach().float()
+
+        part = fit.partner.to(self.up_k.device)
+        bk, bv = bias(self.bias_k), bias(self.bias_v)
+        f32 = dict(dtype=torch.float32, device=self.up_k.device)
+        return LatentWeights(
+            per_head(self.up_k), per_head(self.up_k[part]), bk.view(hkv, D), bk[part].view(hkv, D),
+            per_head(self.up_v), bv.view(hkv, D), fit.freq.to(**f32), fit.cos_coef.to(**f32),
+            fit.sin_coef.to(**f32))
+
     def absorbed_output(self, o: Tensor, head_map, q_pos: Tensor) -> Tensor:
         """[B, H, Sq, r] -> [B, H, Sq, D]: ``o · B_v,h + b_v,h`` (zeros for padding queries)."""
         out = torch.einsum("bhsr,hdr->bhsd", o, self._per_head(self.up_v, head_map).to(o.dtype))
@@ -254,3 +281,170 @@ class Latent(nn.Module):
             b = self.bias_v.view(self.kv_heads, self.head_dim)[list(head_map)].to(o.dtype)
             out = out + b[None, :, None, :] * (q_pos >= 0)[:, None, :, None].to(o.dtype)
         return out
+
+
+# positions probed when fitting a key path (0: rotation-free; 1: angles; large: pairing),
+# capped by the positions the model's tables cover
+_PROBE_POS = (0, 1, 2, 3, 17, 300, 4095)
+
+
+@dataclass(frozen=True)
+class KeyFit:
+    """A decompress key path in the form the fused latent kernels compute
+    (:func:`kvpass.reference.latent_keys_values`): per key dimension ``i`` (flat (head, dim)
+    index) a rotation ``partner[i]`` (itself when the dimension is not rotated), ``freq``,
+    ``cos_coef``, ``sin_coef`` ([Hkv, D], fp32; a norm's weight and RoPE's attention scaling are
+    folded in), whether any dimension rotates, and the RMS norm's epsilon (None: no norm)."""
+
+    partner: Tensor
+    freq: Tensor
+    cos_coef: Tensor
+    sin_coef: Tensor
+    rope: bool
+    norm_eps: float | None
+    max_error: float  # relative error of the fit, measured on random inputs and positions < 4096
+
+
+def fit_key_path(lat: Latent) -> KeyFit:
+    """Fit the layer's replayed key path to ``norm? → RoPE`` by probing it (no model knowledge).
+
+    The path is run on basis vectors at a few positions: at position 0 it must be diagonal
+    (the cos coefficients), at other positions each dimension may mix with exactly one partner
+    dimension of its head (a rotation pair, any pairing).  Angles per position give the
+    frequencies.  A norm is detected as scale invariance and its epsilon from a tiny-input probe.
+    Frequencies are snapped to the fp32 value whose products ``fl(f·p)`` reproduce the probed
+    angles (the model computes them as fp32 products too), which recovers its own frequencies
+    bit for bit in the tested families.  The fit is then checked on random inputs at random
+    positions up to 4095: relative error <= 5e-4 (measured ~1e-7 after snapping; an unsnapped
+    frequency is off by ~2.5e-4 rad at p=4095, so an angle computed another way still fits).
+
+    Raises:
+        SiteError: saying which part of the path does not fit (the layer then keeps the
+            decompress-then-attend path).
+    """
+    kp, vp, _ = lat._paths
+    if kp is None:
+        raise SiteError("no key path to fit")
+    if vp is not None and not vp.movement_only:
+        raise SiteError("the value path is not data movement only (a value norm or rotation)")
+    hkv, D = lat.kv_heads, lat.head_dim
+    N = hkv * D
+    ck, _ = lat._channels
+    dev = lat.up_k.device
+
+    def run(y: Tensor, pos: Tensor) -> Tensor:  # [B, S, N] -> [B, S, N] float64
+        with torch.no_grad():
+            out = lat._heads(y.to(dev), kp, ck, pos.to(dev))  # [B, Hkv, S, D]
+        return torch.nan_to_num(out.double().transpose(1, 2).reshape(y.shape[0], y.shape[1], N).cpu())
+
+    g = torch.Generator().manual_seed(0)
+    top_pos = min([4096] + [p.table(4096, dev).shape[0] for p in kp.positions]) - 1
+    S = len(_PROBE_POS)
+    pos = torch.tensor(_PROBE_POS).clamp(max=top_pos)[None]
+    y = torch.randn(4, S, N, generator=g)
+    pos4 = pos.expand(4, S)
+    o1, o3 = run(y, pos4), run(3 * y, pos4)
+    top = o1.abs().max().item()
+    if (o1 - o3).abs().max() <= 1e-4 * top:
+        norm = True
+    elif (3 * o1 - o3).abs().max() <= 3e-4 * top:
+        norm = False
+    else:
+        raise SiteError("key path is neither linear in the projection output nor a scale-invariant "
+                        "norm followed by a linear map")
+    eps = None
+    if norm:  # ratio of outputs for t·y and y gives eps (per token and head, median)
+        yh = y.double().view(4, S, hkv, D)
+        m = yh.pow(2).mean(-1)
+        t = (1e-6 / m.mean()).sqrt().item()
+        ot = run(t * y, pos4).view(4, S, hkv, D)
+        rho2 = (ot.pow(2).sum(-1) / o1.view(4, S, hkv, D).pow(2).sum(-1).clamp(min=1e-300))
+        est = t * t * m * (1 - rho2) / (rho2 - t * t)
+        eps = max(0.0, float(est.median()))
+    # the linear part per position, from basis inputs: M[s, out, in]
+    basis = torch.eye(N)[:, None, :].expand(N, S, N)
+    out = run(basis, pos.expand(N, S))  # [in, S, out]
+    M = out.permute(1, 2, 0)
+    if norm:
+        M = M * (1.0 / D + eps) ** 0.5
+    big = M.abs().max().item()
+    tol = 1e-5 * big
+    diag = torch.diagonal(M, dim1=1, dim2=2)  # [S, N]
+    ca = diag[0]
+    if (M[0] - torch.diag(ca)).abs().max() > tol:
+        raise SiteError("key path mixes dimensions at position 0 (not a rotation by position)")
+    off = (M - torch.diag_embed(diag)).abs().amax(0)  # [out, in], max over positions
+    partner = torch.arange(N)
+    freq = torch.zeros(N, dtype=torch.float64)
+    sin_coef = torch.zeros(N, dtype=torch.float64)
+    rows = torch.nonzero(off.amax(1) > tol).flatten().tolist()
+    for i in rows:
+        j = int(off[i].argmax())
+        rest = off[i].clone()
+        rest[j] = 0
+        if rest.max() > tol or j // D != i // D:
+            raise SiteError(f"key dimension {i % D} of head {i // D} mixes with more than one "
+                            "dimension, or across heads (not a RoPE rotation pair)")
+        partner[i] = j
+    for i in rows:
+        j = int(partner[i])
+        if int(partner[j]) != i:
+            raise SiteError(f"key dimensions {i} and {j} are not a rotation pair")
+        if abs(ca[i]) < tol or abs(ca[j]) < tol:
+            raise SiteError(f"key dimension {i % D} of head {i // D} is zero at position 0")
+        cosf, sinf = M[1, i, i] / ca[i], M[1, i, j] / ca[j]
+        freq[i] = torch.atan2(sinf.abs(), cosf)
+        sin_coef[i] = torch.sign(sinf) * ca[j]
+    freq = _snap_frequencies(freq.float(), M, diag[0], partner, pos[0], rows)
+    fit = KeyFit(partner=partner, freq=freq.view(hkv, D), cos_coef=ca.float().view(hkv, D),
+                 sin_coef=sin_coef.float().view(hkv, D), rope=bool(rows), norm_eps=eps, max_error=0.0)
+    # check on random inputs (per-head scales over 4 decades) at random positions
+    yc = torch.randn(2, 64, N, generator=g) * 10 ** torch.randint(-2, 2, (2, 64, hkv), generator=g
+                                                                   ).repeat_interleave(D, -1)
+    pc = torch.randint(0, top_pos + 1, (2, 64), generator=g)
+    want = run(yc, pc)
+    got = _fit_apply(fit, yc.double(), pc, hkv, D)
+    scale = want.view(2, 64, hkv, D).abs().amax(-1, keepdim=True).clamp(min=1e-30)
+    err = ((got - want).view(2, 64, hkv, D).abs() / scale).max().item()
+    if not err <= 5e-4:
+        raise SiteError(f"key path is not RMS-norm + RoPE of the projection: fitted form is off by "
+                        f"{err:.2g} (relative)")
+    return KeyFit(partner, fit.freq, fit.cos_coef, fit.sin_coef, fit.rope, eps, err)
+
+
+def _snap_frequencies(freq: Tensor, M: Tensor, ca: Tensor, partner: Tensor, pos: Tensor,
+                      rows: list[int]) -> Tensor:
+    """Move each fp32 frequency by up to 16 ulps to the value whose fp32 angles ``fl(f·p)``
+    best reproduce the probed rotations at every probe position: the model computes its
+    angles as fp32 products too, so this usually recovers its own frequency bit for bit
+    (angles from ``atan2`` at p=1 are off by ~1e-7 relative, ~4e-4 rad at p=4095)."""
+    if not rows:
+        return freq
+    idx = torch.tensor(rows)
+    f = freq[idx]
+    cand = [f]
+    up, down = f.clone(), f.clone()
+    for _ in range(16):
+        up = torch.nextafter(up, torch.full_like(up, float("inf")))
+        down = torch.nextafter(down, torch.full_like(down, float("-inf")))
+        cand += [up, down]
+    cand = torch.stack(cand)  # [C, n]
+    p = pos.to(torch.float32)  # [S]
+    ang = (cand[:, None, :] * p[None, :, None]).double()  # fp32 products, [C, S, n]
+    want = M[:, idx, idx] / ca[idx]  # cos(θ) at each probe position, [S, n]
+    err = (torch.cos(ang) - want[None]).abs().amax(1)  # [C, n]
+    out = freq.clone()
+    out[idx] = cand.gather(0, err.argmin(0)[None])[0]
+    return out
+
+
+def _fit_apply(fit: KeyFit, y: Tensor, pos: Tensor, hkv: int, D: int) -> Tensor:
+    """The fitted key path on projection outputs ``y`` [B, S, N] (float64), as the kernels."""
+    ang = pos.to(torch.float32)[..., None] * fit.freq.view(-1)  # fp32 angle, as in the kernel
+    ang = ang.double()
+    k = y * fit.cos_coef.view(-1).double() * torch.cos(ang) + \
+        y[..., fit.partner] * fit.sin_coef.view(-1).double() * torch.sin(ang)
+    if fit.norm_eps is not None:
+        yh = y.view(*y.shape[:2], hkv, D)
+        k = (k.view_as(yh) * torch.rsqrt(yh.pow(2).mean(-1, keepdim=True) + fit.norm_eps)).view_as(y)
+    return k

@@ -208,8 +208,31 @@ class KVCore(nn.Module):
             ql = lat.absorbed_query(q, head_map)
             o = self._attend(ql, k, k, q_pos, k_pos, limit, (0,) * len(head_map))
             return lat.absorbed_output(o, head_map, q_pos)
+        q = lat.query(q, q_pos)
+        if lat.fit is not None and not (torch.is_grad_enabled() and q.requires_grad) \
+                and codegen.kernel_mode(q.device) != "reference":
+            out = self._attend_fused(q, k, q_pos, k_pos, limit, head_map)
+            if out is not None:
+                return out
         k, v = lat.keys_values(k, k_pos)
-        return self._attend(lat.query(q, q_pos), k, v, q_pos, k_pos, limit, head_map)
+        return self._attend(q, k, v, q_pos, k_pos, limit, head_map)
+
+    def _attend_fused(self, q, c, q_pos, k_pos, limit, head_map):
+        """Generated latent kernels: keys/values rebuilt from the latent ``c`` in registers."""
+        s, plan, lat = self.spec, self.plan, self.latent
+        table, block = None, None
+        if plan.pattern is not None:
+            block = plan.pattern.block
+            table = plan.pattern.table(-(-limit // block)).table.to(q.device)
+        fit = lat.fit
+        spec = _kernel_spec(s, head_map, lat.kv_heads, str(q.dtype).replace("torch.", ""), False,
+                            window=plan.window, sinks=plan.sinks, block=block,
+                            has_block_mask=table is not None, head_dim=lat.head_dim,
+                            head_dim_v=lat.head_dim, latent=(lat.rank, fit.rope, fit.norm_eps))
+        if spec is None:
+            return None
+        return codegen.latent_attention(q, c.to(q.dtype), lat.fused_weights(fit, q.dtype), spec,
+                                        q_pos=q_pos, k_pos=k_pos, block_mask=table)
 
     def _attend(self, q, k, v, q_pos, k_pos, limit, head_map):
         s, plan = self.spec, self.plan
@@ -240,15 +263,18 @@ class KVCore(nn.Module):
 @functools.lru_cache(maxsize=4096)
 def _kernel_spec(s: CoreSpec, head_map: tuple[int, ...], kv_heads: int, dtype: str, has_mask: bool,
                  window: int | None = None, sinks: int = 0, block: int | None = None,
-                 has_block_mask: bool = False, head_dim: int | None = None, head_dim_v: int | None = None):
-    """The kernel spec of a layer's attention (None where no generated kernel applies)."""
+                 has_block_mask: bool = False, head_dim: int | None = None, head_dim_v: int | None = None,
+                 latent: tuple | None = None):
+    """The kernel spec of a layer's attention (None where no generated kernel applies).
+    ``latent``: (rank, rope, norm_eps) of a fused latent decompress."""
+    extra = {} if latent is None else {"latent": dict(zip(("rank", "rope", "norm_eps"), latent))}
     try:
         return codegen.KernelSpec(num_heads=s.num_heads, num_kv_heads=kv_heads, head_dim=head_dim or s.head_dim,
                                   head_dim_v=head_dim_v,
                                   kv_head_map=head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
                                   has_mask=has_mask, dtype=dtype, window=window,
                                   sinks=sinks if window is not None else 0, block=block,
-                                  has_block_mask=has_block_mask)
+                                  has_block_mask=has_block_mask, extra=extra)
     except codegen.CodegenError:
         return None
 

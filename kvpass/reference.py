@@ -16,6 +16,10 @@ Visibility of key ``j`` for query ``i`` (all must hold)::
 
 Rows with no visible key give zeros (never NaN).
 
+A latent (MHC) layer whose keys are rebuilt in the kernel has one more reference,
+:func:`latent_keys_values`: the meaning of the fused decompress (+ per-head norm + RoPE) the
+generated latent kernels compute; its keys/values then go through :func:`attention`.
+
 Example:
     >>> import torch
     >>> from kvpass.reference import attention
@@ -28,11 +32,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "attention_sdpa", "visibility", "default_positions"]
+__all__ = ["attention", "attention_sdpa", "visibility", "default_positions", "LatentWeights",
+           "latent_keys_values"]
 
 
 def default_positions(batch: int, q_len: int, k_len: int, device=None) -> tuple[Tensor, Tensor]:
@@ -149,3 +155,62 @@ def _expand(q: Tensor, k: Tensor, v: Tensor, kv_head_map, q_pos, k_pos):
         q_pos = dq if q_pos is None else q_pos
         k_pos = dk if k_pos is None else k_pos
     return k, v, q_pos, k_pos
+
+
+class LatentWeights(NamedTuple):
+    """The per-KV-head weights of a fused latent decompress (see :func:`latent_keys_values`).
+
+    ``up_k``/``up_kp`` [Hkv, r, D] (``up_kp``: columns of each head permuted by the RoPE
+    partner map, so ``c · up_kp`` is the partner dimension of ``c · up_k``), ``bias_k``/``bias_kp``
+    [Hkv, D] (fp32), ``up_v`` [Hkv, r, Dv], ``bias_v`` [Hkv, Dv] (fp32), ``freq``/``cos_coef``/
+    ``sin_coef`` [Hkv, D] (fp32; a dimension without rotation has freq 0 and sin_coef 0).
+    """
+
+    up_k: Tensor
+    up_kp: Tensor
+    bias_k: Tensor
+    bias_kp: Tensor
+    up_v: Tensor
+    bias_v: Tensor
+    freq: Tensor
+    cos_coef: Tensor
+    sin_coef: Tensor
+
+
+def latent_keys_values(c: Tensor, k_pos: Tensor, w: LatentWeights,
+                       norm_eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """Keys and values rebuilt from a latent cache, as the fused latent kernels do.
+
+    With ``y = c·up_k + bias_k`` and ``y' = c·up_kp + bias_kp`` (per KV head, dimension ``d``),
+    ``θ = k_pos · freq_d`` and ``ρ = rsqrt(mean_d y² + norm_eps)`` (1 without a norm)::
+
+        k_d = (cos_coef_d · cos θ · y_d + sin_coef_d · sin θ · y'_d) · ρ
+        v   = c·up_v + bias_v
+
+    This is RoPE of any pairing (rotate-half, interleaved, partial: ``y'`` is the partner
+    dimension, ``sin_coef`` its sign and scale) after an optional RMS norm over the head
+    (its weight folded into the coefficients).  fp32 math; results in ``c``'s dtype.
+
+    Args:
+        c: [B, 1, S, r] latents; k_pos: [B, S] int positions (negative = empty slot: any value).
+
+    Example (rank = head size, identity up-projections, no rotation: k = v = c):
+        >>> import torch
+        >>> eye = torch.eye(4)[None]; z = torch.zeros(1, 4)
+        >>> w = LatentWeights(eye, eye, z, z, eye, z, z, torch.ones(1, 4), z)
+        >>> c = torch.randn(2, 1, 3, 4)
+        >>> k, v = latent_keys_values(c, torch.arange(3).expand(2, 3), w)
+        >>> torch.equal(k[:, 0], c[:, 0]) and torch.equal(v[:, 0], c[:, 0])
+        True
+    """
+    cf = c[:, 0].float()  # [B, S, r]
+    y = torch.einsum("bsr,hrd->bhsd", cf, w.up_k.float()) + w.bias_k.float()[None, :, None]
+    ang = k_pos.clamp(min=0).to(torch.float32)[:, None, :, None] * w.freq.float()[None, :, None]
+    k = y * w.cos_coef.float()[None, :, None] * torch.cos(ang)
+    if bool((w.sin_coef != 0).any()):
+        yp = torch.einsum("bsr,hrd->bhsd", cf, w.up_kp.float()) + w.bias_kp.float()[None, :, None]
+        k = k + yp * w.sin_coef.float()[None, :, None] * torch.sin(ang)
+    if norm_eps is not None:
+        k = k * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm_eps)
+    v = torch.einsum("bsr,hrd->bhsd", cf, w.up_v.float()) + w.bias_v.float()[None, :, None]
+    return k.to(c.dtype), v.to(c.dtype)

@@ -13,6 +13,12 @@ Tolerances (outputs compared with ``torch.testing.assert_close``), per storage d
 - bfloat16: atol=rtol=2^-6.  Same, with bf16's 8-bit significand: P rounding gives ~2^-9
   relative per weight, the output rounding 1 ulp = 2^-8..2^-7 relative, so two rounding
   events of slack at |out| ~ 1..4 (observed: max |diff| = 1 output ulp).
+
+Latent (MHC) kernels rebuild keys and values per tile from the latent and round them to the
+storage dtype, as a cached K/V would be; the reference rounds the same values, but its fp32
+sums run in another order, so a rebuilt key/value can land one storage ulp apart.  fp16/bf16
+tolerances are doubled for them (one more rounding event); fp32 keeps 2e-5 (the fp32 sums
+differ by ~1e-7 relative).
 """
 
 import os
@@ -188,6 +194,91 @@ def test_decode_matches_reference(data, sk, seed):
     splits = data.draw(st.integers(1, 5))
     out = decode(q, k, v, spec, q_pos, k_pos, mask, block_mask, num_splits=splits, block_n=bn)
     check(out, ref(q, k, v, spec, q_pos, k_pos, mask, block_mask), spec.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# latent (MHC) kernels == reference.latent_keys_values + reference.attention
+# --------------------------------------------------------------------------------------
+def latent_weights(hkv: int, r: int, d: int, pairing: str, norm: bool, gen: torch.Generator):
+    """Random LatentWeights with a RoPE pairing: rotate-half, interleaved, partial (rotate-half
+    on the first half of the dims only) or none; a norm's weight folded into the coefficients."""
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    if pairing == "half":
+        rot, partner = d, torch.cat([torch.arange(d // 2, d), torch.arange(d // 2)])
+    elif pairing == "interleaved":
+        rot, partner = d, torch.arange(d) ^ 1
+    elif pairing == "partial":
+        rot = d // 2
+        partner = torch.cat([torch.arange(rot // 2, rot), torch.arange(rot // 2), torch.arange(rot, d)])
+    else:
+        rot, partner = 0, torch.arange(d)
+    pair_id = torch.minimum(torch.arange(d), partner)
+    base = 1.0 / 10000 ** (pair_id.float() / max(d, 1))
+    freq = torch.where(torch.arange(d) < rot, base, torch.zeros(d))[None].expand(hkv, d).contiguous()
+    w = rnd(hkv, d).abs() + 0.5  # norm weight x rope amplitude
+    sign = torch.where(torch.arange(d) < partner, -1.0, 1.0)
+    sin_coef = torch.where(torch.arange(d) < rot, sign * w[:, partner], torch.zeros(d))
+    up_k = rnd(hkv, r, d) / r ** 0.5
+    bias_k = rnd(hkv, d) * 0.3
+    return reference.LatentWeights(
+        up_k, up_k[:, :, partner].contiguous(), bias_k, bias_k[:, partner].contiguous(),
+        rnd(hkv, r, d) / r ** 0.5, rnd(hkv, d) * 0.3, freq, w, sin_coef)
+
+
+@FAST
+@given(data=st.data(), sk=st.sampled_from([70, 33, 7, 1]), seed=st.integers(0, 2**16))
+def test_latent_kernels_match_reference(data, sk, seed):
+    """Fused decompress (+ norm + RoPE of any pairing) inside prefill and decode kernels, with
+    windows/sinks/block tables and ring-buffer positions, equals the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    kind = data.draw(st.sampled_from(["prefill", "decode"]))
+    bn = data.draw(st.sampled_from([16, 32]))
+    base = data.draw(specs(sk, bn, dims=(16, 32, 64, 80)))
+    r = data.draw(st.sampled_from([1, 8, 24, 40, 96]))
+    pairing = data.draw(st.sampled_from(["half", "interleaved", "partial", "none"]))
+    norm = data.draw(st.booleans())
+    eps = 1e-6 if norm else None
+    spec = base.replace(has_mask=False, head_dim_v=base.head_dim,
+                        extra={"latent": {"rank": r, "rope": pairing != "none", "norm_eps": eps}})
+    hkv, d = spec.num_kv_heads, spec.head_dim
+    w = latent_weights(hkv, r, d, pairing, norm, gen)
+    sq = data.draw(st.integers(1, 3)) if kind == "decode" else data.draw(st.sampled_from([1, sk, sk + 3]))
+    B = data.draw(st.integers(1, 2))
+    q = torch.randn(B, spec.num_heads, sq, d, generator=gen).to(DTYPES[spec.dtype]).to(DEVICE)
+    c = torch.randn(B, 1, sk, r, generator=gen).to(DTYPES[spec.dtype]).to(DEVICE)
+    w = reference.LatentWeights(*(t.to(DEVICE) for t in w))
+    q_pos, k_pos = positions(data.draw(st.sampled_from(POSITIONS)), B, sq, sk, gen)
+    _, block_mask = extras(data.draw, spec, B, sq, sk, gen)
+    kp = k_pos if k_pos is not None else reference.default_positions(B, sq, sk, DEVICE)[1]
+    k, v = reference.latent_keys_values(c, kp, w, eps)
+    want = ref(q, k, v, spec, q_pos, k_pos, None, block_mask)
+    fn = prefill if kind == "prefill" else decode
+    out = fn(q, c, c, spec, q_pos, k_pos, None, block_mask, block_n=bn, latent=w)
+    tol = TOL[spec.dtype] * (1 if spec.dtype == "float32" else 2)
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_latent_op_dispatch_and_errors(monkeypatch):
+    """``kvpass::latent_attention``: reference and interpreted kernels agree; a spec without
+    its weights, or a latent of the wrong rank, is refused."""
+    from kvpass.codegen import latent_attention
+    gen = torch.Generator().manual_seed(3)
+    spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True,
+                      extra={"latent": {"rank": 12, "rope": True, "norm_eps": 1e-6}})
+    w = latent_weights(2, 12, 16, "half", True, gen)
+    q, c = torch.randn(1, 4, 9, 16, generator=gen), torch.randn(1, 1, 9, 12, generator=gen)
+    outs = {}
+    for mode in ["reference", "interpret"]:
+        monkeypatch.setenv("KVPASS_KERNELS", mode)
+        outs[mode] = latent_attention(q, c, w, spec)
+    check(outs["interpret"], outs["reference"], "float32")
+    with pytest.raises(CodegenError, match="LatentWeights"):
+        prefill(q, c, c, spec)
+    with pytest.raises(CodegenError, match="rank 12"):
+        prefill(q, c[..., :8], c[..., :8], spec, latent=w)
+    assert "tl.cos" in source(spec, "decode") and "tl.cos" not in source(spec.replace(
+        extra={"latent": {"rank": 12, "rope": False, "norm_eps": None}}), "decode")
 
 
 # Forms at shapes whose tile edges meet the rules' edges: 32-row query blocks and 16-key

@@ -74,13 +74,19 @@ def test_window_and_sparse_layers_on_interpreted_kernels():
 MHC_SCRIPT = r"""
 import os, torch, kvpass, families as fam
 from transformers import DynamicCache
-calls = []
-orig = kvpass.codegen.attention
-kvpass.lower.codegen.attention = lambda *a, **k: calls.append(a[3].head_dim) or orig(*a, **k)
+calls, fused = [], []
+orig, orig_lat = kvpass.codegen.attention, kvpass.codegen.latent_attention
+interp = lambda: os.environ["KVPASS_KERNELS"] == "interpret"  # calls of the kernel runs only
+def count(fn, out, what):
+    return lambda *a, **k: (interp() and out.append(what(a[3]))) or fn(*a, **k)
+kvpass.lower.codegen.attention = count(orig, calls, lambda s: s.head_dim)
+kvpass.lower.codegen.latent_attention = count(orig_lat, fused, lambda s: s.latent)
 worst = 0.0
-for name in ["llama", "gpt2"]:  # decompress + RoPE, absorbed (attention in latent space)
+# decompress + RoPE (fused latent kernels; qwen3 adds a per-head k-norm), absorbed (gpt2)
+for name in ["llama", "qwen3", "gpt2"]:
     torch.manual_seed(0)
     model = fam.build(name)
+    os.environ["KVPASS_KERNELS"] = "reference"  # optimize's own forwards do not count
     fast = kvpass.optimize(model, kvpass.MHC(rank=24, method="svd"))
     ids = torch.randint(1, fam.VOCAB, (2, 13))
     outs = []
@@ -92,12 +98,17 @@ for name in ["llama", "gpt2"]:  # decompress + RoPE, absorbed (attention in late
             steps += [fast(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(9, 13)]
             outs.append(torch.cat(steps, 1))
     worst = max(worst, float((outs[0] - outs[1]).abs().max()))
-print("RESULT", worst, 24 in calls, 16 in calls)
+norms = {f["norm_eps"] is not None for f in fused}
+rope = all(f["rank"] == 24 and f["rope"] for f in fused)
+print("RESULT", worst, 24 in calls, 16 in calls, rope and len(fused) > 0, norms == {True, False})
 """
 
 
 def test_mhc_layers_on_interpreted_kernels():
-    """Latent layers reach the generated kernels (absorbed: head_dim = latent rank 24;
-    decompressed: the model's head_dim 16), prefill and decode, equal to the reference."""
-    diff, absorbed, decompressed = _result(MHC_SCRIPT, 900)
-    assert float(diff) <= 1e-4 and absorbed == "True" and decompressed == "True"
+    """Latent layers reach the generated kernels, prefill and decode, equal to the reference
+    path: absorbed (kvpass::attention with head_dim = latent rank 24) and decompress + RoPE
+    (kvpass::latent_attention: keys rebuilt in the kernel, with and without a k-norm); nothing
+    decompressed reaches kvpass::attention (no call with the model's head_dim 16)."""
+    diff, absorbed, decompressed, fused_rope, both_norms = _result(MHC_SCRIPT, 900)
+    assert float(diff) <= 1e-4 and absorbed == "True" and decompressed == "False"
+    assert fused_rope == "True" and both_norms == "True"

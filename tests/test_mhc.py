@@ -257,3 +257,52 @@ def test_heal_trains_the_latent():
     from kvpass.api import _trainable
     att = fast.get_submodule("model.layers.0.self_attn")
     assert "kv_core.latent.down" in _trainable(att, att.site)
+
+
+@pytest.mark.parametrize("name,norm,pairing", [
+    ("llama", False, "half"), ("qwen3", True, "half"), ("gemma3", True, "half"),
+    ("gpt_neox", False, "partial"), ("handwritten_fused", False, "interleaved")])
+def test_key_path_fit_reproduces_the_path(name, norm, pairing):
+    """The probed fit (norm? + RoPE) of each family's replayed key path: right structure, and
+    the fused reference equals decompress-then-replay on a real forward's latents."""
+    from kvpass.reference import latent_keys_values
+    _, base = _base(name)
+    fast = kvpass.optimize(base, kvpass.MHC(rank=24, method="svd"))
+    lats = [m.latent for m in fast.modules() if isinstance(m, KVCore) and m.latent is not None]
+    assert lats
+    for lat in lats:
+        fit = lat.fit
+        assert fit is not None, lat.fit_error
+        assert fit.rope and (fit.norm_eps is not None) == norm and fit.max_error <= 1e-5
+        if norm:
+            assert abs(fit.norm_eps - 1e-6) <= 1e-8  # the families' rms_norm_eps
+        D, i = lat.head_dim, torch.arange(lat.head_dim)
+        part = fit.partner[:D]
+        if pairing == "half":
+            assert torch.equal(part, (i + D // 2) % D)
+        elif pairing == "interleaved":
+            assert torch.equal(part, i ^ 1)
+        else:  # partial rotary: some dimensions are not rotated
+            assert (part == i).any() and (part != i).any()
+        g = torch.Generator().manual_seed(0)
+        c = torch.randn(2, 1, 11, lat.rank, generator=g)
+        pos = torch.randint(0, 500, (2, 11), generator=g)
+        k_path, v_path = lat.keys_values(c, pos)
+        k_fit, v_fit = latent_keys_values(c, pos, lat.fused_weights(fit, torch.float32), fit.norm_eps)
+        torch.testing.assert_close(k_fit, k_path, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(v_fit, v_path, atol=2e-5, rtol=2e-5)
+
+
+def test_key_path_that_is_not_norm_and_rope_is_not_fused():
+    """A key path with another nonlinearity keeps the decompress path, with the reason."""
+    from kvpass.latent import fit_key_path
+    _, base = _base("llama")
+    fast = kvpass.optimize(base, kvpass.MHC(rank=24, method="svd"))
+    lat = next(m.latent for m in fast.modules() if isinstance(m, KVCore) and m.latent is not None)
+    heads = lat._heads
+    lat._heads = lambda y, path, ch, pos: torch.tanh(heads(y, path, ch, pos))
+    with pytest.raises(SiteError, match="neither linear"):
+        fit_key_path(lat)
+    lat._heads = lambda y, path, ch, pos: heads(y, path, ch, pos).roll(1, -1)  # mixes 3 dims
+    with pytest.raises(SiteError, match="position 0|more than one"):
+        fit_key_path(lat)

@@ -26,11 +26,19 @@ from kvpass.codegen.generate import (
     source,
     use_interpreter,
 )
-from kvpass.codegen.ops import attention, choose_kind, decode, kernel_mode, prefill, run
+from kvpass.codegen.ops import (
+    attention,
+    choose_kind,
+    decode,
+    kernel_mode,
+    latent_attention,
+    prefill,
+    run,
+)
 from kvpass.codegen.spec import CodegenError, KernelSpec
 
 __all__ = [
     "KernelSpec", "CodegenError", "source", "load", "kernel_path", "cache_dir",
     "interpreting", "use_interpreter",
-    "attention", "prefill", "decode", "run", "choose_kind", "kernel_mode",
+    "attention", "latent_attention", "prefill", "decode", "run", "choose_kind", "kernel_mode",
 ]

@@ -33,8 +33,9 @@ from torch import Tensor
 from kvpass import reference
 from kvpass.codegen.generate import interpreting, load, use_interpreter
 from kvpass.codegen.spec import CodegenError, KernelSpec
+from kvpass.reference import LatentWeights
 
-__all__ = ["attention", "prefill", "decode", "run", "kernel_mode", "choose_kind"]
+__all__ = ["attention", "latent_attention", "prefill", "decode", "run", "kernel_mode", "choose_kind"]
 
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("reference", "triton", "interpret")
@@ -77,6 +78,13 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec) -> None:
     B, H, _, D = q.shape
     if (H, D) != (spec.num_heads, spec.head_dim):
         raise CodegenError(f"q is {tuple(q.shape)}, spec wants H={spec.num_heads}, D={spec.head_dim}")
+    if spec.latent is not None:  # k (= v) is the latent [B, 1, Sk, r]
+        if k.shape[0] != B or k.shape[1] != 1 or k.shape[3] != spec.latent["rank"]:
+            raise CodegenError(f"latent {tuple(k.shape)} does not fit q {tuple(q.shape)} and "
+                               f"rank {spec.latent['rank']} ([B, 1, Sk, r] expected)")
+        if not (q.dtype == k.dtype == want):
+            raise CodegenError(f"dtypes q={q.dtype} latent={k.dtype}, spec wants {want}")
+        return
     kv_want = (B, spec.num_kv_heads, k.shape[2])
     if tuple(k.shape) != (*kv_want, spec.head_dim) or tuple(v.shape) != (*kv_want, spec.head_dim_v):
         raise CodegenError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)} "
@@ -148,6 +156,28 @@ def _head_tables(spec: KernelSpec, device: torch.device) -> tuple[Tensor, Tensor
     return hmap, torch.tensor(groups, dtype=torch.int32, device=device)
 
 
+def _latent_tensors(spec: KernelSpec, w: LatentWeights | None) -> list[Tensor]:
+    """The latent weights as the kernels read them (checked against the spec), or []."""
+    if spec.latent is None:
+        if w is not None:
+            raise CodegenError("latent weights given to a spec without extra['latent']")
+        return []
+    if w is None:
+        raise CodegenError("a latent spec needs its LatentWeights")
+    hkv, r, d, dv = spec.num_kv_heads, spec.latent["rank"], spec.head_dim, spec.head_dim_v
+    want = {"up_k": (hkv, r, d), "up_kp": (hkv, r, d), "bias_k": (hkv, d), "bias_kp": (hkv, d),
+            "up_v": (hkv, r, dv), "bias_v": (hkv, dv), "freq": (hkv, d), "cos_coef": (hkv, d),
+            "sin_coef": (hkv, d)}
+    out = []
+    for name, shape in want.items():
+        t = getattr(w, name)
+        if tuple(t.shape) != shape:
+            raise CodegenError(f"latent {name} is {tuple(t.shape)}, the spec needs {shape}")
+        dtype = _TORCH_DTYPE[spec.dtype] if name.startswith("up_") else torch.float32
+        out.append(t.to(dtype).contiguous())
+    return out
+
+
 @lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -183,15 +213,18 @@ def _prefill_config(spec: KernelSpec, sq: int, interpret: bool) -> tuple[int, in
 def prefill(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
             k_pos: Tensor | None = None, mask: Tensor | None = None,
             block_mask: Tensor | None = None, *, interpret: bool | None = None,
-            block_m: int | None = None, block_n: int | None = None) -> Tensor:
+            block_m: int | None = None, block_n: int | None = None,
+            latent: LatentWeights | None = None) -> Tensor:
     """Run the generated flash-attention forward kernel. -> [B, H, Sq, Dv]
 
     ``interpret`` defaults to ``q.device.type != "cuda"``.  ``q_pos``/``k_pos`` None means
     default positions (loop bounds skip invisible tiles; no position loads).  ``block_m`` /
-    ``block_n`` (powers of two >= 16) override the tile sizes (tests, tuning).
+    ``block_n`` (powers of two >= 16) override the tile sizes (tests, tuning).  A latent spec
+    takes the latent as ``k`` and ``v`` and its weights as ``latent``.
     """
     interpret = _mode(q, interpret)
     c = _normalise(q, k, v, spec, q_pos, k_pos, mask, block_mask)
+    lat = _latent_tensors(spec, latent)
     B, H, Sq, _ = q.shape
     out = q.new_empty(B, H, Sq, spec.head_dim_v)
     if out.numel() == 0 or k.shape[2] == 0:
@@ -202,7 +235,7 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | N
     tensors, strides = _pos_args(c)
     kernel = load(spec, "prefill").attn_prefill
     kernel[(_cdiv(Sq, bm), B * H)](
-        q, k, v, out, *tensors, hmap, *strides, *out.stride(), Sq, k.shape[2], *_table_sizes(c),
+        q, k, v, out, *tensors, hmap, *lat, *strides, *out.stride(), Sq, k.shape[2], *_table_sizes(c),
         POS_CONTIG=c.contig, UPCAST=interpret and spec.dtype == "bfloat16",
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
@@ -215,9 +248,10 @@ def _decode_config(spec: KernelSpec, sq: int, interpret: bool) -> tuple[int, int
     return max(16, _pow2(spec.max_group * sq)), bn
 
 
-def _num_splits(c: _Call, n_tiles: int, interpret: bool, num_splits: int | None) -> tuple[int, int]:
+def _num_splits(c: _Call, n_tiles: int, interpret: bool, num_splits: int | None,
+                hkv: int) -> tuple[int, int]:
     """(splits, tiles per split): about two programs per SM on GPUs."""
-    B, Hkv = c.k.shape[0], c.k.shape[1]
+    B, Hkv = c.k.shape[0], hkv
     if num_splits is None:
         num_splits = 4 if interpret else _cdiv(2 * _sm_count(c.q.device), B * Hkv)
     tps = _cdiv(n_tiles, max(1, min(num_splits, n_tiles)))
@@ -227,7 +261,8 @@ def _num_splits(c: _Call, n_tiles: int, interpret: bool, num_splits: int | None)
 def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
            k_pos: Tensor | None = None, mask: Tensor | None = None,
            block_mask: Tensor | None = None, *, interpret: bool | None = None,
-           num_splits: int | None = None, block_n: int | None = None) -> Tensor:
+           num_splits: int | None = None, block_n: int | None = None,
+           latent: LatentWeights | None = None) -> Tensor:
     """Run the generated split-K decode kernels (small Sq). -> [B, H, Sq, Dv]
 
     Each split reduces ``tiles per split`` KV tiles for all query heads of one kv head; a
@@ -235,6 +270,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | No
     """
     interpret = _mode(q, interpret)
     c = _normalise(q, k, v, spec, q_pos, k_pos, mask, block_mask)
+    lat = _latent_tensors(spec, latent)
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     out = q.new_empty(B, H, Sq, spec.head_dim_v)
@@ -242,7 +278,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | No
         return out.zero_()
     bm, bn = _decode_config(spec, Sq, interpret)
     bn = block_n or bn
-    nsplit, tps = _num_splits(c, _cdiv(Sk, bn), interpret, num_splits)
+    nsplit, tps = _num_splits(c, _cdiv(Sk, bn), interpret, num_splits, spec.num_kv_heads)
     f32 = dict(dtype=torch.float32, device=q.device)
     mp = torch.empty(B, H, Sq, nsplit, **f32)
     lp = torch.empty(B, H, Sq, nsplit, **f32)
@@ -251,7 +287,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | No
     tensors, strides = _pos_args(c)
     mod = load(spec, "decode")
     mod.attn_decode_split[(nsplit, spec.num_kv_heads, B)](
-        q, k, v, *tensors, groups, mp, lp, accp, *strides, Sq, Sk, *_table_sizes(c), tps, nsplit,
+        q, k, v, *tensors, groups, mp, lp, accp, *lat, *strides, Sq, Sk, *_table_sizes(c), tps, nsplit,
         POS_CONTIG=c.contig, UPCAST=interpret and spec.dtype == "bfloat16",
         BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2,
     )
@@ -268,10 +304,11 @@ def choose_kind(spec: KernelSpec, sq: int) -> str:
 
 def run(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
         k_pos: Tensor | None = None, mask: Tensor | None = None,
-        block_mask: Tensor | None = None, *, interpret: bool | None = None) -> Tensor:
+        block_mask: Tensor | None = None, *, interpret: bool | None = None,
+        latent: LatentWeights | None = None) -> Tensor:
     """Generated kernels, kind by :func:`choose_kind` (no custom op, no dispatch)."""
     fn = decode if choose_kind(spec, q.shape[2]) == "decode" else prefill
-    return fn(q, k, v, spec, q_pos, k_pos, mask, block_mask, interpret=interpret)
+    return fn(q, k, v, spec, q_pos, k_pos, mask, block_mask, interpret=interpret, latent=latent)
 
 
 # --------------------------------------------------------------------------------------
@@ -341,3 +378,56 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor |
     The implementation is chosen by :func:`kernel_mode`; all equal ``kvpass.reference``.
     """
     return torch.ops.kvpass.attention(q, k, v, q_pos, k_pos, mask, block_mask, spec.to_json())
+
+
+_LATENT_SCHEMA = ("(Tensor q, Tensor c, Tensor up_k, Tensor up_kp, Tensor bias_k, Tensor bias_kp, "
+                  "Tensor up_v, Tensor bias_v, Tensor freq, Tensor cos_coef, Tensor sin_coef, "
+                  "Tensor? q_pos, Tensor? k_pos, Tensor? block_mask, str spec_json) -> Tensor")
+
+
+@torch.library.custom_op("kvpass::latent_attention", mutates_args=(), schema=_LATENT_SCHEMA)
+def _latent_op(q: Tensor, c: Tensor, up_k: Tensor, up_kp: Tensor, bias_k: Tensor, bias_kp: Tensor,
+               up_v: Tensor, bias_v: Tensor, freq: Tensor, cos_coef: Tensor, sin_coef: Tensor,
+               q_pos: Tensor | None, k_pos: Tensor | None, block_mask: Tensor | None,
+               spec_json: str) -> Tensor:
+    spec = _spec(spec_json)
+    w = LatentWeights(up_k, up_kp, bias_k, bias_kp, up_v, bias_v, freq, cos_coef, sin_coef)
+    mode = kernel_mode(q.device)
+    if mode == "reference":
+        if k_pos is None:
+            q_pos, k_pos = reference.default_positions(q.shape[0], q.shape[2], c.shape[2], q.device)
+        k, v = reference.latent_keys_values(c, k_pos, w, spec.latent["norm_eps"])
+        return _reference(q, k, v, spec.replace(extra={}), q_pos, k_pos, None, block_mask)
+    if mode == "triton" and q.device.type != "cuda":
+        raise CodegenError("KVPASS_KERNELS=triton needs CUDA tensors (use 'interpret' on CPU)")
+    return run(q, c, c, spec, q_pos, k_pos, None, block_mask, interpret=mode == "interpret", latent=w)
+
+
+@_latent_op.register_fake
+def _latent_fake(q, c, up_k, up_kp, bias_k, bias_kp, up_v, bias_v, freq, cos_coef, sin_coef,
+                 q_pos, k_pos, block_mask, spec_json):
+    spec = _spec(spec_json)
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], spec.head_dim_v)
+
+
+def latent_attention(q: Tensor, c: Tensor, w: LatentWeights, spec: KernelSpec,
+                     q_pos: Tensor | None = None, k_pos: Tensor | None = None,
+                     block_mask: Tensor | None = None) -> Tensor:
+    """Attention over a latent (MHC) cache as one ``kvpass::latent_attention`` op. -> [B, H, Sq, Dv]
+
+    ``c`` [B, 1, Sk, r] is the cache; keys and values are rebuilt from it inside the kernel
+    (:func:`kvpass.reference.latent_keys_values`, the meaning; ``spec.latent`` says rank, RoPE,
+    norm).  Other arguments as :func:`attention` (no graph mask: latent layers are positional).
+
+    Example (exact: rank = Hkv·D, identity up-projections, no rotation):
+        >>> import torch
+        >>> from kvpass.reference import LatentWeights, attention as ref
+        >>> spec = KernelSpec(num_heads=2, num_kv_heads=1, head_dim=16, causal=True,
+        ...                   extra={"latent": {"rank": 16, "rope": False, "norm_eps": None}})
+        >>> eye = torch.eye(16)[None]; z = torch.zeros(1, 16)
+        >>> w = LatentWeights(eye, eye, z, z, eye, z, z, torch.ones(1, 16), z)
+        >>> q = torch.randn(1, 2, 5, 16); c = torch.randn(1, 1, 5, 16)
+        >>> torch.allclose(latent_attention(q, c, w, spec), ref(q, c, c, causal=True, scale=0.25))
+        True
+    """
+    return torch.ops.kvpass.latent_attention(q, c, *w, q_pos, k_pos, block_mask, spec.to_json())

@@ -11,9 +11,11 @@ disk.
 Extension points (future forms), all in the one ``extra`` mapping so the fields above never
 change meaning:
 
-- ``extra={"latent_rank": r}``   -- MHC/latent caches: K and V decompressed from an ``r``-wide
-  latent inside the kernel (fused decompress + RoPE).
-- ``extra={"kv_quant": "int8"}`` -- quantised K/V storage with per-token scales.
+- ``extra={"latent": {"rank": r, "rope": bool, "norm_eps": float | None}}`` -- MHC latent
+  caches (implemented): the "K" argument is the latent ``c`` [B, 1, Sk, r]; keys and values
+  are rebuilt per tile in registers (``c·B`` + bias, optional per-head RMS norm, RoPE of any
+  pairing) as :func:`kvpass.reference.latent_keys_values` defines; never written to memory.
+- ``extra={"kv_quant": "int8"}`` -- quantised K/V storage with per-token scales (future).
 
 The generator refuses (``CodegenError``) any ``extra`` key it does not implement, so a spec
 can never silently run a kernel that ignores part of its meaning.
@@ -41,7 +43,7 @@ from kvpass.errors import KVPassError
 __all__ = ["KernelSpec", "CodegenError", "DTYPES"]
 
 DTYPES = ("float32", "float16", "bfloat16")
-KNOWN_EXTRA: frozenset[str] = frozenset()  # keys of `extra` the generator implements today
+KNOWN_EXTRA: frozenset[str] = frozenset({"latent"})  # keys of `extra` the generator implements
 
 
 class CodegenError(KVPassError, ValueError):
@@ -120,6 +122,13 @@ class KernelSpec:
         need(not self.has_block_mask or (self.block or 0) >= 1, "has_block_mask needs block >= 1")
         need(self.dtype in DTYPES, f"dtype={self.dtype!r} not in {DTYPES}")
         json.dumps(self.extra)  # raises TypeError if not JSON-serialisable
+        lat = self.extra.get("latent")
+        if lat is not None:
+            need(isinstance(lat, dict) and set(lat) == {"rank", "rope", "norm_eps"},
+                 f"extra['latent'] must be {{rank, rope, norm_eps}}, got {lat!r}")
+            need(isinstance(lat["rank"], int) and 1 <= lat["rank"] <= 1024,
+                 f"latent rank {lat['rank']!r} not in 1..1024")
+            need(lat["norm_eps"] is None or lat["norm_eps"] >= 0, "latent norm_eps must be >= 0")
 
     # -- derived facts the generator specialises on -------------------------------------
     @property
@@ -129,6 +138,11 @@ class KernelSpec:
             return None
         g = self.num_heads // self.num_kv_heads
         return g if self.kv_head_map == tuple(h // g for h in range(self.num_heads)) else None
+
+    @property
+    def latent(self) -> dict | None:
+        """``extra["latent"]`` (rank, rope, norm_eps) or None."""
+        return self.extra.get("latent")
 
     @property
     def max_group(self) -> int:

@@ -47,7 +47,7 @@ from torch import nn
 from ..capture import sample_env
 from ..errors import PolicyError, SiteError
 from ..heal import snapshot
-from ..latent import Latent, PathFn, PositionFn
+from ..latent import Latent, PathFn, PositionFn, fit_key_path
 from ..lower import KVAttention, LayerPlan
 from ..policy import MHC
 from ..sites import AttentionSite
@@ -302,6 +302,11 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
                  None if bias is None else bias[:HD].to(**to), None if bias is None else bias[HD:].to(**to),
                  kv_heads=site.num_kv_heads, head_dim=site.head_dim, paths=paths,
                  channels=(site.k_proj.channels, site.v_proj.channels))
+    if paths is not None:
+        try:
+            lat.fit = fit_key_path(lat)
+        except SiteError as e:
+            lat.fit_error = str(e)
     core.latent = lat
     call = att.core_call()
     q_src = h["q_proj"] if paths is not None and paths[2] is not None else call.args[0]
