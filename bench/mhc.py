@@ -106,8 +106,8 @@ def _allocation_from(path: Path, ratio: float) -> dict | None:
 def _write(args, rows) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
-    args.json.write_text(json.dumps({"command": command, "model": args.model, "calibration": "persuasion", "evaluation": "emma",
-                                     "eval_len": args.eval_len, "eval_chunks": args.eval_chunks,
+    args.json.write_text(json.dumps({"command": command, "model": args.model, "calibration": "persuasion",
+                                     "evaluation": "emma", "eval_len": args.eval_len, "eval_chunks": args.eval_chunks,
                                      "rows": rows}, indent=2))
 
 
