@@ -229,7 +229,7 @@ class KVCore(nn.Module):
                             window=plan.window, sinks=plan.sinks, block=block,
                             has_block_mask=table is not None, head_dim=lat.head_dim,
                             head_dim_v=lat.head_dim, latent=(lat.rank, fit.rope, fit.norm_eps))
-        if spec is None:
+        if spec is None or not codegen.ops.latent_fits(spec):
             return None
         return codegen.latent_attention(q, c.to(q.dtype), lat.fused_weights(fit, q.dtype), spec,
                                         q_pos=q_pos, k_pos=k_pos, block_mask=table)

@@ -534,6 +534,10 @@ def test_compiles_for_sm90(tmp_path):
                           has_block_mask=True, has_mask=True, dtype="bfloat16")
         print(compile_for(spec, "prefill", pos_contig=True, block_m=128))
         print(compile_for(spec, "decode", pos_contig=False, block_m=16))
+        lat = KernelSpec(num_heads=9, num_kv_heads=3, head_dim=64, causal=True, dtype="bfloat16",
+                         extra={"latent": {"rank": 96, "rope": True, "norm_eps": 1e-6}})
+        print(compile_for(lat, "prefill", pos_contig=False, block_m=64))
+        print(compile_for(lat, "decode", pos_contig=False, block_m=16))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["KVPASS_CACHE"] = str(tmp_path)
@@ -545,18 +549,27 @@ def test_compiles_for_sm90(tmp_path):
 
 @pytest.mark.skipif(ON_GPU, reason="--tiny runs the interpreter; this process compiles")
 def test_bench_tiny(tmp_path):
-    """bench/attention_kernels.py --tiny runs here (CPU, interpreter) and writes its JSON."""
+    """bench/kernels.py --tiny runs here (CPU, interpreter) and writes its JSON: every side
+    (kvpass, SDPA, FlexAttention with the same block mask) equals the reference, work is
+    counted from the visible pairs, the latent row is compared with the case it replaces."""
     import importlib.util
     import json
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "bench" / "attention_kernels.py"
-    mspec = importlib.util.spec_from_file_location("bench_attention_kernels", path)
+    path = Path(__file__).parents[1] / "bench" / "kernels.py"
+    mspec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(mspec)
     sys.modules[mspec.name] = bench  # dataclasses look their module up
     mspec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    bench.main([str(out), "--tiny", "--only", "decode"])
-    rows = json.loads(out.read_text())["results"]
-    assert rows and rows[0]["kind"] == "decode" and rows[0]["max_abs_diff_vs_sdpa"] < 1e-4
-    assert rows[0]["kvpass_gbps"] > 0 and rows[0]["flops"] == 4 * 1 * 4 * 1 * 100 * 32
+    bench.main([str(out), "--tiny", "--only", "decode-latent"])  # runs its base case too
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"tiny-decode", "tiny-decode-latent"}
+    for r in rows.values():
+        assert r["max_abs_diff_vs_reference"] < 1e-4 and r["flex_max_abs_diff_vs_reference"] < 1e-4
+        assert r["visible_pairs"] == 100 and r["kvpass_gbps"] > 0
+    lat = rows["tiny-decode-latent"]
+    assert lat["cache_vs_base"] < 1 and lat["time_vs_base"] > 0
+    c = bench.Case("x", "prefill", 1, 1, 1, 40, 40, 16, window=8, sinks=2)
+    # causal window 8 + 2 sinks over 40 tokens: rows 0..7 see i+1, later rows 8 + min(2, i-7)
+    assert bench.visible_pairs(c) == sum(i + 1 if i < 8 else 8 + min(2, i - 7) for i in range(40))

@@ -27,6 +27,7 @@ _ARG_TYPES = {
     **dict.fromkeys(("QPOS", "KPOS", "HMAP", "HGROUPS"), "*i32"),
     **dict.fromkeys(("MASK", "MP", "LP", "ACCP"), "*fp32"),
     "BTAB": "*i8",
+    **dict.fromkeys(("BK", "BKP", "BV", "FRQ", "CA", "SB"), "*fp32"),  # latent weights (fp32)
 }
 
 
@@ -34,7 +35,7 @@ def _signature(fn, spec: KernelSpec, constexprs: dict[str, object]) -> dict[str,
     def arg_type(name: str) -> str:
         if name in constexprs:
             return "constexpr"
-        if name in ("Q", "K", "V", "O"):
+        if name in ("Q", "K", "V", "O", "UK", "UKP", "UV"):
             return _PTR[spec.dtype]
         return _ARG_TYPES.get(name, "i32")
 
@@ -75,6 +76,8 @@ def _main() -> None:
                    has_block_mask=True, has_mask=True, dtype="bfloat16"),
         KernelSpec(num_heads=4, num_kv_heads=1, head_dim=256, causal=True, window=512,
                    dtype="float16"),
+        KernelSpec(num_heads=9, num_kv_heads=3, head_dim=64, causal=True, dtype="bfloat16",
+                   extra={"latent": {"rank": 96, "rope": True, "norm_eps": 1e-6}}),
     ]
     for spec in specs:
         for kind in ("prefill", "decode"):

@@ -35,7 +35,7 @@ from kvpass.codegen.generate import interpreting, load, use_interpreter
 from kvpass.codegen.spec import CodegenError, KernelSpec
 from kvpass.reference import LatentWeights
 
-__all__ = ["attention", "latent_attention", "prefill", "decode", "run", "kernel_mode", "choose_kind"]
+__all__ = ["attention", "latent_attention", "latent_fits", "prefill", "decode", "run", "kernel_mode", "choose_kind"]
 
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("reference", "triton", "interpret")
@@ -408,6 +408,22 @@ def _latent_fake(q, c, up_k, up_kp, bias_k, bias_kp, up_v, bias_v, freq, cos_coe
                  q_pos, k_pos, block_mask, spec_json):
     spec = _spec(spec_json)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], spec.head_dim_v)
+
+
+LATENT_WEIGHT_BYTES = 96 * 1024  # per-program latent weights the kernels hold (smem budget)
+
+
+def latent_fits(spec: KernelSpec) -> bool:
+    """Whether a latent spec's per-KV-head weights (``up_k``, ``up_kp``, ``up_v`` tiles of
+    ``BLOCK_R x BLOCK_D``) fit the on-chip budget the generated kernels assume.  They are held
+    for the whole KV loop: rank 96 x head_dim 64 in bf16 is 48 KiB (compiled for sm_90: 80 KiB
+    shared in prefill); rank 512 x 128 would need 384 KiB, more than an H100/H200 SM has, so
+    such layers decompress in torch instead (a rank-chunked kernel is future work)."""
+    lat = spec.latent
+    elem = 4 if spec.dtype == "float32" else 2
+    block_r = max(16, _pow2(lat["rank"]))
+    held = block_r * (_pow2(spec.head_dim) * (2 if lat["rope"] else 1) + _pow2(spec.head_dim_v))
+    return held * elem <= LATENT_WEIGHT_BYTES
 
 
 def latent_attention(q: Tensor, c: Tensor, w: LatentWeights, spec: KernelSpec,
