@@ -6,6 +6,7 @@
 """
 
 from .api import Report, kv_bytes_per_token, kv_cache_bytes, optimize, retarget
+from .backend import register_backend
 from .capture import Captured, capture
 from .errors import CaptureError, KVPassError, PolicyError, SiteError
 from .policy import FORMS, MHC, Form, Full, Policy, SharedKV, Sparse, Window
@@ -16,5 +17,5 @@ __all__ = [
     "optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report",
     "capture", "Captured", "find_sites", "AttentionSite",
     "Policy", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "FORMS",
-    "KVPassError", "CaptureError", "SiteError", "PolicyError",
+    "KVPassError", "CaptureError", "SiteError", "PolicyError", "register_backend",
 ]

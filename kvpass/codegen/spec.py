@@ -50,6 +50,35 @@ class CodegenError(KVPassError, ValueError):
     """A kernel spec is invalid, or asks for something the generator does not implement."""
 
 
+def _canonical_json(obj: Any) -> str:
+    """``json.dumps(obj, sort_keys=True, separators=(",", ":"))`` for the values a spec holds,
+    in plain Python that dynamo can trace (the json module's C encoder is a graph break)."""
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, int):
+        return str(int(obj))
+    if isinstance(obj, float):
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            raise TypeError(f"{obj!r} is not JSON-serialisable in a kernel spec")
+        return repr(float(obj))
+    if isinstance(obj, str):
+        if any(c in obj for c in '"\\') or not obj.isprintable() or not obj.isascii():
+            return json.dumps(obj)
+        return '"' + obj + '"'
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(_canonical_json(x) for x in obj) + "]"
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str):
+                raise TypeError(f"kernel spec keys must be strings, got {k!r}")
+        return "{" + ",".join(_canonical_json(k) + ":" + _canonical_json(obj[k]) for k in sorted(obj)) + "}"
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable in a kernel spec")
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """Static description of one attention kernel (see module docstring).
@@ -102,7 +131,8 @@ class KernelSpec:
         fill(self, "extra", dict(self.extra))
         self._validate()
         # computed once (not a cached_property: torch.compile cannot trace its lock)
-        fill(self, "_json", json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")))
+        # plain Python (no json module) so torch.compile can build specs without a graph break
+        fill(self, "_json", _canonical_json(self.to_dict()))
 
     def _validate(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -121,7 +151,7 @@ class KernelSpec:
         need(self.softcap is None or self.softcap > 0, f"softcap={self.softcap} must be > 0")
         need(not self.has_block_mask or (self.block or 0) >= 1, "has_block_mask needs block >= 1")
         need(self.dtype in DTYPES, f"dtype={self.dtype!r} not in {DTYPES}")
-        json.dumps(self.extra)  # raises TypeError if not JSON-serialisable
+        _canonical_json(self.extra)  # raises TypeError if not JSON-serialisable
         lat = self.extra.get("latent")
         if lat is not None:
             need(isinstance(lat, dict) and set(lat) == {"rank", "rope", "norm_eps"},
@@ -158,7 +188,7 @@ class KernelSpec:
     # -- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (tuples as lists)."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["kv_head_map"] = list(self.kv_head_map)
         return d
 
