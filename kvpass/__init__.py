@@ -8,6 +8,7 @@
 from .api import Report, kv_bytes_per_token, kv_cache_bytes, optimize, retarget
 from .backend import register_backend
 from .capture import Captured, capture
+from .checkpoint import from_pretrained, save_pretrained
 from .errors import CaptureError, KVPassError, PolicyError, SiteError
 from .policy import FORMS, MHC, Form, Full, Policy, SharedKV, Sparse, Window
 from .sites import AttentionSite, find_sites
@@ -18,4 +19,5 @@ __all__ = [
     "capture", "Captured", "find_sites", "AttentionSite",
     "Policy", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "FORMS",
     "KVPassError", "CaptureError", "SiteError", "PolicyError", "register_backend",
+    "save_pretrained", "from_pretrained",
 ]

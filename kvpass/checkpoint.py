@@ -1,0 +1,214 @@
+"""Saving and loading optimised models: :func:`save_pretrained` / :func:`from_pretrained`.
+
+A kvpass checkpoint is an HF folder: ``model.safetensors`` (the optimised model's own
+state_dict: MHC latents instead of K/V projections, merged shared-KV rows, ...), the source
+model's ``config.json`` with a ``"kvpass"`` section, and the tokenizer files when given.
+
+The section records the *structure* of every layer, not how it was computed:
+
+- ``policy``: per layer, forms that rebuild the same shapes without calibration -- an MHC
+  layer becomes ``MHC(rank=<its rank>, method="svd")`` (rank allocation, whitening, refit and
+  healing only changed weights, which the file holds), shared KV becomes contiguous mean
+  grouping, windows and sparse patterns are kept as they are;
+- ``plans``: each layer's stored heads and head map (similarity grouping picks them from data);
+- ``source``: what the checkpoint was made from (path, sha256 of its weight files) when known.
+
+:func:`from_pretrained` builds the source architecture from the config (random init), applies
+that structural policy (no calibration), restores the plans, loads the weights (strict: every
+tensor must match by name and shape) and refits what depends on weights (the fused-kernel fit
+of MHC key paths).  Writing is atomic: a temporary folder beside the target, renamed at the end;
+an existing target is refused unless ``force=True``.  Nothing is unpickled.
+
+Example:
+    >>> import tempfile, torch, kvpass
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> fast = kvpass.optimize(LlamaForCausalLM(cfg).eval(), kvpass.MHC(rank=16, method="svd"))
+    >>> out = tempfile.mkdtemp() + "/mhc"
+    >>> folder = kvpass.save_pretrained(fast, out)
+    >>> again = kvpass.from_pretrained(out)
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> bool((again(ids).logits - fast(ids).logits).abs().max() < 1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import KVPassError
+from .lower import KVAttention
+from .policy import MHC, Form, Policy, SharedKV
+
+__all__ = ["save_pretrained", "from_pretrained", "structural_policy", "FORMAT", "files_sha256"]
+
+FORMAT = 1
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(KVPassError):
+    """A checkpoint cannot be written or read (the message says which file and why)."""
+
+
+def _layers(model: nn.Module) -> list[KVAttention]:
+    mods = [m for m in model.modules() if isinstance(m, KVAttention)]
+    if getattr(model, "_kvpass", None) is None or not mods:
+        raise CheckpointError("save_pretrained needs a model returned by kvpass.optimize()")
+    return mods
+
+
+def _structural(form: Form, att: KVAttention) -> Form:
+    if form.kind == "mhc":
+        return MHC(rank=att.kv_core.latent.rank, method="svd")
+    if form.kind == "shared_kv":
+        return SharedKV(kv_heads=form.kv_heads, ratio=form.ratio, cross_layer=form.cross_layer)
+    return form
+
+
+def structural_policy(model: nn.Module) -> Policy:
+    """A policy that rebuilds ``model``'s layer shapes without calibration (see module doc)."""
+    layers = {}
+    for att in _layers(model):
+        layers[att.site.layer] = [_structural(f, att) for f in att.kv_core.forms]
+    return Policy(layers=layers)
+
+
+def files_sha256(paths) -> str:
+    """sha256 over the bytes of ``paths`` (sorted by name): identifies a source checkpoint."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def kvpass_section(model: nn.Module, source: dict | None = None) -> dict:
+    plans = {}
+    for att in _layers(model):
+        p = att.kv_core.plan
+        plans[str(att.site.layer)] = {"keep": None if p.keep is None else list(p.keep),
+                                      "head_map": None if p.head_map is None else list(p.head_map)}
+    return {"format": FORMAT, "policy": structural_policy(model).to_dict(), "plans": plans,
+            "source": source or {}}
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
+                    force: bool = False, source: dict | None = None) -> Path:
+    """Write ``model`` (a :func:`kvpass.optimize` result) as a kvpass checkpoint folder.
+
+    ``tokenizer``: saved beside it when given.  ``source``: recorded in the config (the CLI
+    puts the source path and hash there).  Atomic; refuses an existing ``path`` unless
+    ``force``.  Returns the folder.
+    """
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    _layers(model)
+    if path.exists() and not force:
+        raise CheckpointError(f"{path} exists; pass force=True (CLI: --force) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-", dir=path.parent))
+    try:
+        config = model.config.to_dict()
+        config["architectures"] = [type(model).__name__]  # as transformers' save_pretrained does
+        config["kvpass"] = kvpass_section(model, source)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "kvpass": str(FORMAT)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():  # force: replace only once the new folder is complete
+            old = path.with_name(f".{path.name}.kvpass-old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_section(path: Path) -> tuple[dict, dict]:
+    """(config dict, kvpass section) of a checkpoint folder, with clear errors."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from e
+    section = config.get("kvpass")
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{path}: config.json has no 'kvpass' section (a plain HF checkpoint: "
+                              "load it with transformers)")
+    if section.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: kvpass format {section.get('format')!r}, this version reads {FORMAT}")
+    return config, section
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a folder written by :func:`save_pretrained` (or ``kvpass rewrite``). -> the
+    optimised model (eval mode), equal to the one that was saved."""
+    import transformers
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from .api import optimize
+    from .latent import fit_key_path
+
+    path = Path(path)
+    config_dict, section = read_section(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS}")
+    config_dict = {k: v for k, v in config_dict.items() if k != "kvpass"}
+    archs = config_dict.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise CheckpointError(f"{path}: config.json names no transformers architecture ({archs!r})")
+    config = transformers.AutoConfig.for_model(**config_dict)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    fast = optimize(model, Policy.from_dict(section["policy"]), inplace=True)
+    by_layer = {att.site.layer: att for att in _layers(fast)}
+    for layer, plan in section.get("plans", {}).items():
+        core = by_layer[int(layer)].kv_core
+        core.plan = dataclasses.replace(
+            core.plan, keep=None if plan["keep"] is None else tuple(plan["keep"]),
+            head_map=None if plan["head_map"] is None else tuple(plan["head_map"]))
+    try:
+        missing, unexpected = load_model(fast, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        if lines:
+            raise CheckpointError(f"{weights}: does not match the structure in config.json "
+                                  f"({lines[0]})") from e
+        raise CheckpointError(f"{weights}: {str(e).splitlines()[0]}") from e
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: does not match the structure in config.json "
+                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    for att in by_layer.values():
+        lat = att.kv_core.latent
+        if lat is not None and not lat.absorbed:
+            try:
+                lat.fit, lat.fit_error = fit_key_path(lat), None
+            except KVPassError as e:
+                lat.fit, lat.fit_error = None, str(e)
+    fast._kvpass.source = section.get("source", {})
+    return fast.eval()
