@@ -45,7 +45,7 @@ def calibration_ids(calibration, tokenizer=None, *, length: int = 256, max_chunk
         calibration = "\n\n".join(calibration)
     if isinstance(calibration, (str, os.PathLike)):
         text = str(calibration)
-        if len(text) < 4096 and Path(text).expanduser().is_file():
+        if _is_file(text):
             text = Path(text).expanduser().read_text(encoding="utf-8")
         if tokenizer is None:
             raise KVPassError("calibration: text given but no tokenizer; pass tokenizer=... "
@@ -245,3 +245,13 @@ def _hidden_key(model, block_names: list[str], calls: dict[str, list[dict]]) -> 
         if isinstance(v, torch.Tensor) and v.shape == out.shape and torch.equal(v, out):
             return k
     return None
+
+
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names an existing file (False for text that cannot be a path)."""
+    if "\n" in text or len(text) >= 4096:
+        return False
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError):  # e.g. a name longer than the filesystem allows
+        return False

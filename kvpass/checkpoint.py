@@ -118,8 +118,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     _layers(model)
     if path.exists() and not force:
         raise CheckpointError(f"{path} exists; pass force=True (CLI: --force) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]  # as transformers' save_pretrained does
@@ -128,18 +127,30 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "kvpass": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():  # force: replace only once the new folder is complete
-            old = path.with_name(f".{path.name}.kvpass-old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def staging_dir(path: Path) -> Path:
+    """A fresh temporary folder beside ``path`` (same filesystem: the final rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-", dir=path.parent))
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``path``; an existing ``path`` (force) is moved
+    aside first and removed only after the new one is in place."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.kvpass-old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
 
 
 def read_section(path: Path) -> tuple[dict, dict]:
@@ -172,6 +183,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
     path = Path(path)
     config_dict, section = read_section(path)
+    if section.get("native"):  # a stock transformers checkpoint (kvpass rewrite wrote it so)
+        cls = getattr(transformers, (config_dict.get("architectures") or [""])[0], None)
+        if cls is None:
+            raise CheckpointError(f"{path}: config.json names no transformers architecture")
+        return cls.from_pretrained(path, dtype=dtype or torch.float32).eval()
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{path}: no {WEIGHTS}")

@@ -3,6 +3,8 @@
     kvpass inspect smollm2-135m           # one row per attention site, and totals
     kvpass inspect ./my-hf-folder --json  # the same, for machines
     kvpass kernels --heads 9 --kv-heads 3 --head-dim 64 --causal --kind decode --dump
+    kvpass rewrite smollm2-135m out/ --policy shared_kv:kv_heads=1   # native GQA checkpoint
+    kvpass rewrite ./hf-folder out/ --policy policy.yaml --calibration notes.txt --heal 50
 
 Exit codes: 0 success, 2 bad input (one clear line on stderr, no traceback).
 """
@@ -54,7 +56,43 @@ def _parser() -> argparse.ArgumentParser:
     ker.add_argument("--spec", default=None, help="a KernelSpec as JSON (overrides the flags above)")
     ker.add_argument("--dump", action="store_true", help="print the source (default: its cache path)")
     ker.set_defaults(func=cmd_kernels)
+    rw = sub.add_parser(
+        "rewrite", help="rewrite a saved checkpoint into a KV-saving one",
+        description="Read SRC, apply POLICY (calibrating on --calibration text where the policy "
+                    "needs it), and write OUT: a native transformers checkpoint where one exists "
+                    "(uniform SharedKV with contiguous groups -> fewer num_key_value_heads), else a "
+                    "kvpass checkpoint for kvpass.from_pretrained(OUT). SRC is never modified; OUT is "
+                    "written to a temporary folder and renamed at the end; an existing OUT is refused "
+                    "unless --force. Exit code 2 with one line on bad input.",
+        epilog=EPILOG + "\nPOLICY: a .json/.yaml policy file, inline JSON, or forms like "
+               "'mhc:ratio=4,method=whitened' joined by '+' (e.g. 'shared_kv:kv_heads=1+window:size=512,sinks=4').\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rw.add_argument("src", metavar="SRC", help="bundled name, HF folder (safetensors) or .gguf")
+    rw.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
+    rw.add_argument("--policy", required=True, help="policy file, JSON, or kind:key=value forms")
+    rw.add_argument("--calibration", default=None,
+                    help="calibration text, or a text file (needed by whitened/aware MHC, "
+                         "similarity grouping, calibrated merge, --heal)")
+    rw.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the written weights (computation is fp32)")
+    rw.add_argument("--heal", type=int, default=0, help="local distillation steps per layer (default 0)")
+    rw.add_argument("--force", action="store_true", help="replace an existing OUT")
+    rw.add_argument("--allow-pickle", action="store_true",
+                    help="accept pickle .bin sources (loaded with weights_only=True)")
+    rw.add_argument("--no-native", action="store_true", help="always write a kvpass checkpoint")
+    rw.set_defaults(func=cmd_rewrite)
     return p
+
+
+def cmd_rewrite(args) -> int:
+    from .rewrite import main_summary, parse_policy, rewrite
+
+    policy = parse_policy(args.policy)
+    summary = rewrite(args.src, args.out, policy, calibration=args.calibration, dtype=args.dtype,
+                      force=args.force, allow_pickle=args.allow_pickle, heal=args.heal,
+                      native=not args.no_native)
+    print(main_summary(summary))
+    return 0
 
 
 def cmd_kernels(args) -> int:

@@ -1,0 +1,150 @@
+"""`kvpass rewrite`: native and kvpass outputs give the logits of optimize() in memory; the
+source is never touched; the output appears only complete; bad input exits 2 with one line."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import kvpass
+from kvpass import models
+from kvpass.cli import main
+from kvpass.rewrite import parse_policy
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. ") * 16
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as an HF folder (safetensors)."""
+    tok = tf.AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("src") / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _ids():
+    return torch.randint(5, 400, (2, 17), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def test_native_shared_kv_loads_with_stock_transformers(src, tmp_path, capsys):
+    before = _digest(src)
+    out = tmp_path / "gqa1"
+    assert main(["rewrite", str(src), str(out), "--policy", "shared_kv:kv_heads=1"]) == 0
+    assert "native" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == 1 and cfg["kvpass"]["source"]["sha256"]
+    stock = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    model, _ = models.load(src)
+    want = _logits(kvpass.optimize(model, kvpass.SharedKV(kv_heads=1)))
+    torch.testing.assert_close(_logits(stock), want, atol=1e-4, rtol=1e-4)
+    assert _digest(src) == before
+
+
+@pytest.mark.parametrize("policy,form", [
+    ("mhc:rank=16,method=whitened,refit=true", kvpass.MHC(rank=16, method="whitened", refit=True)),
+    ("shared_kv:kv_heads=1+window:size=6,sinks=2", [kvpass.SharedKV(kv_heads=1), kvpass.Window(6, 2)]),
+])
+def test_kvpass_checkpoint_equals_optimize_in_memory(src, tmp_path, policy, form):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = tmp_path / "out"
+    assert main(["rewrite", str(src), str(out), "--policy", policy, "--calibration", str(calib)]) == 0
+    again = kvpass.from_pretrained(out)
+    model, tok = models.load(src)
+    fast = kvpass.optimize(model, form, calibration=TEXT, tokenizer=tok)
+    torch.testing.assert_close(_logits(again), _logits(fast), atol=1e-4, rtol=1e-4)
+    assert (out / "tokenizer.json").exists()
+
+
+def test_existing_output_is_refused_unless_forced(src, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert main(["rewrite", str(src), str(out), "--policy", "window:size=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
+    assert main(["rewrite", str(src), str(out), "--policy", "window:size=8", "--force"]) == 0
+    assert (out / "model.safetensors").exists()
+
+
+def test_bad_sources_exit_2_with_one_line(src, tmp_path, capsys):
+    cases = {}
+    trunc = tmp_path / "trunc"
+    shutil.copytree(src, trunc)
+    w = trunc / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1000])
+    cases["truncated"] = (trunc, "truncated")
+    noconf = tmp_path / "noconf"
+    shutil.copytree(src, noconf)
+    (noconf / "config.json").unlink()
+    cases["no config"] = (noconf, "config.json")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(src, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    cases["pickle"] = (pickled, "--allow-pickle")
+    shapes = tmp_path / "shapes"
+    shutil.copytree(src, shapes)
+    cfg = json.loads((shapes / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (shapes / "config.json").write_text(json.dumps(cfg))
+    cases["shapes"] = (shapes, "config.json implies")
+    for what, (folder, needle) in cases.items():
+        out = tmp_path / f"out-{what.replace(' ', '-')}"
+        assert main(["rewrite", str(folder), str(out), "--policy", "window:size=8"]) == 2, what
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (what, err)
+        assert not out.exists()
+
+
+def test_kill_9_leaves_no_partial_output(src, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kvpass.cli", "rewrite", str(src), str(out),
+                             "--policy", "mhc:rank=16,method=svd"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() or any(p.name.startswith(".killed.kvpass-tmp-") for p in tmp_path.iterdir()):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    # killed while writing: OUT is absent, or (if the rename won the race) complete
+    if out.exists():
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_policy_shorthand_and_errors():
+    p = parse_policy('{"version": 1, "default": [{"kind": "window", "size": 64, "sinks": 0}]}')
+    assert p.default == (kvpass.Window(64, 0),)
+    with pytest.raises(kvpass.PolicyError, match="unknown form"):
+        parse_policy("windw:size=3")
+    with pytest.raises(kvpass.PolicyError, match="key=value"):
+        parse_policy("window:64")
