@@ -5,8 +5,10 @@ where the policy or ``--heal`` asks) and written as:
 
 - a **native transformers checkpoint** where the result has one: a uniform ``SharedKV`` with
   contiguous groups (no cross-layer sharing) on a model with separate K/V projections becomes
-  the same architecture with fewer ``num_key_value_heads`` (the kept heads' merged rows);
-  stock ``AutoModelForCausalLM.from_pretrained(OUT)`` loads it;
+  the same architecture with fewer ``num_key_value_heads`` (the kept heads' merged rows); a
+  uniform ``Window(size=W, sinks=0)`` on a Llama source becomes a Mistral config with
+  ``sliding_window=W`` (same weights); stock ``AutoModelForCausalLM.from_pretrained(OUT)``
+  loads either;
 - otherwise a **kvpass checkpoint** (:mod:`kvpass.checkpoint`) that
   :func:`kvpass.from_pretrained` loads.
 
@@ -190,6 +192,25 @@ def native_shared_kv(model) -> tuple[dict, dict] | None:
     return state, {"num_key_value_heads": stored.pop()}
 
 
+def native_window(model) -> tuple[dict, dict] | None:
+    """(state_dict, config changes) of a Mistral-style ``sliding_window`` checkpoint for a
+    Llama source whose every layer got the same ``Window(size=W, sinks=0)``, else None."""
+    cfg = model.config
+    mods = [m for m in model.modules() if isinstance(m, KVAttention)]
+    report = model._kvpass
+    if (cfg.model_type != "llama" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)
+            or not mods or report.kept or len(mods) != len(report.sites)):
+        return None
+    forms = {m.kv_core.forms for m in mods}
+    if len(forms) != 1:
+        return None
+    (only,) = forms
+    if len(only) != 1 or only[0].kind != "window" or only[0].sinks != 0:
+        return None
+    return model.state_dict(), {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                                "sliding_window": only[0].size}
+
+
 def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: str | None = None,
             dtype: str = "float32", force: bool = False, allow_pickle: bool = False,
             heal: int = 0, native: bool = True, progress: bool = True) -> dict:
@@ -219,7 +240,7 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     before, after = kv_bytes_per_token(model), kv_bytes_per_token(fast)
     if torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
-    native_parts = native_shared_kv(fast) if native else None
+    native_parts = (native_shared_kv(fast) or native_window(fast)) if native else None
     if native_parts is None:
         save_pretrained(fast, out, tokenizer=tok, force=force, source=source)
         kind = "kvpass"
@@ -237,8 +258,8 @@ def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None
     tmp = staging_dir(out)
     try:
         config = fast.config.to_dict()
-        config.update(changes)
         config["architectures"] = [type(fast).__name__]
+        config.update(changes)
         section = kvpass_section(fast, source)
         section["native"] = True
         config["kvpass"] = section

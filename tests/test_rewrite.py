@@ -69,6 +69,17 @@ def test_native_shared_kv_loads_with_stock_transformers(src, tmp_path, capsys):
     assert _digest(src) == before
 
 
+def test_native_window_is_a_mistral_sliding_window(src, tmp_path):
+    out = tmp_path / "mistral"
+    assert main(["rewrite", str(src), str(out), "--policy", "window:size=6,sinks=0"]) == 0
+    stock = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(stock).__name__ == "MistralForCausalLM" and stock.config.sliding_window == 6
+    model, _ = models.load(src)
+    want = _logits(kvpass.optimize(model, kvpass.Window(6, sinks=0)))
+    torch.testing.assert_close(_logits(stock), want, atol=1e-4, rtol=1e-4)
+    assert (want - _logits(model)).abs().max() > 1e-3  # the window really changes the result
+
+
 @pytest.mark.parametrize("policy,form", [
     ("mhc:rank=16,method=whitened,refit=true", kvpass.MHC(rank=16, method="whitened", refit=True)),
     ("shared_kv:kv_heads=1+window:size=6,sinks=2", [kvpass.SharedKV(kv_heads=1), kvpass.Window(6, 2)]),
