@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -118,8 +119,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     _layers(model)
     if path.exists() and not force:
         raise CheckpointError(f"{path} exists; pass force=True (CLI: --force) to replace it")
-    tmp = staging_dir(path)
-    try:
+    with staged(path) as tmp:
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]  # as transformers' save_pretrained does
         config["kvpass"] = kvpass_section(model, source)
@@ -127,17 +127,21 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "kvpass": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return path
+
+
+@contextlib.contextmanager
+def staged(path: Path):
+    """Write a folder atomically: yields a fresh temporary folder beside ``path`` (same
+    filesystem), renamed to ``path`` when the block ends normally, removed otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-", dir=path.parent))
+    try:
+        yield tmp
         publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
-
-
-def staging_dir(path: Path) -> Path:
-    """A fresh temporary folder beside ``path`` (same filesystem: the final rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-", dir=path.parent))
 
 
 def publish(tmp: Path, path: Path) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import _is_file
-from .checkpoint import CheckpointError, files_sha256, kvpass_section, publish, save_pretrained, staging_dir
+from .checkpoint import CheckpointError, files_sha256, kvpass_section, save_pretrained, staged
 from .errors import KVPassError, PolicyError
 from .lower import KVAttention
 from .policy import FORMS, Form, Policy
@@ -255,8 +254,7 @@ def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None
     from safetensors.torch import save_file
 
     state, changes = parts
-    tmp = staging_dir(out)
-    try:
+    with staged(out) as tmp:
         config = fast.config.to_dict()
         config["architectures"] = [type(fast).__name__]
         config.update(changes)
@@ -274,10 +272,6 @@ def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tok is not None:
             tok.save_pretrained(tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main_summary(summary: dict) -> str:

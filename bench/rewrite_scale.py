@@ -1,0 +1,133 @@
+"""Rewrite a checkpoint with Llama-3-8B layer shapes: wall time, MB/s and peak memory.
+
+    python bench/rewrite_scale.py --json bench/results/rewrite_scale.json
+
+Writes a synthetic sharded checkpoint (hidden 4096, 32 heads, 8 KV heads, intermediate 14336,
+``--layers`` decoder layers, random bf16 weights, SmolLM2's tokenizer and vocabulary, tied
+embeddings; one shard per layer plus one for the embeddings) under ``--work``, then runs
+``kvpass rewrite`` on it in a fresh process per policy (``SharedKV(kv_heads=4)`` and
+``MHC(ratio=2, method="svd")``, bf16 output) and reports per run:
+
+- wall seconds and throughput (checkpoint MB / s);
+- peak RSS of the rewriting process, against the issue's budget
+  ``2 x one decoder layer + calibration activations (none: these policies calibrate nothing)
+  + 1.5 GB`` and as a multiple of one decoder layer's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HIDDEN, HEADS, KV_HEADS, INTER, HEAD_DIM = 4096, 32, 8, 14336, 128
+POLICIES = {"shared_kv": "shared_kv:kv_heads=4", "mhc": "mhc:ratio=2,method=svd"}
+
+
+def layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{i}."
+    kv = KV_HEADS * HEAD_DIM
+    return {p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (kv, HIDDEN),
+            p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,)}
+
+
+def make_checkpoint(folder: Path, layers: int) -> tuple[int, int]:
+    """Write the synthetic checkpoint (one tensor group at a time). -> (total bytes, layer bytes)"""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from kvpass import models
+
+    tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    folder.mkdir(parents=True)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=INTER,
+                      num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                      head_dim=HEAD_DIM, tie_word_embeddings=True, rope_theta=500000.0,
+                      max_position_embeddings=8192, torch_dtype="bfloat16")
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    groups = [{"model.embed_tokens.weight": (len(tok), HIDDEN), "model.norm.weight": (HIDDEN,)}]
+    groups += [layer_tensors(i) for i in range(layers)]
+    index, total = {}, 0
+    for n, group in enumerate(groups):
+        name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {k: (torch.randn(*s, generator=g) * (0.02 if len(s) > 1 else 0.0) + (len(s) == 1))
+                   .to(torch.bfloat16) for k, s in group.items()}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        index.update(dict.fromkeys(tensors, name))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+    layer = sum(2 * _numel(s) for s in layer_tensors(0).values())
+    return total, layer
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+RUNNER = ("import resource, sys, time\n"
+          "from kvpass.cli import main\n"
+          "t = time.perf_counter(); rc = main(sys.argv[1:]); dt = time.perf_counter() - t\n"
+          "print('KVPASS_BENCH', rc, dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/kvpass-rewrite-scale"))
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    src = args.work / "src"
+    t = time.perf_counter()
+    total, layer = make_checkpoint(src, args.layers)
+    print(f"synthetic checkpoint: {total / 1e9:.2f} GB, one decoder layer {layer / 1e6:.0f} MB "
+          f"({time.perf_counter() - t:.0f}s to write)", flush=True)
+    budget = 2 * layer + 1.5e9
+    rows = []
+    for name in args.policies:
+        out = args.work / f"out-{name}"
+        cmd = [sys.executable, "-c", RUNNER, "rewrite", str(src), str(out), "--policy", POLICIES[name],
+               "--dtype", "bfloat16", "--force"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in res.stdout.splitlines() if x.startswith("KVPASS_BENCH")]
+        if res.returncode != 0 or not line:
+            print(res.stdout[-2000:], res.stderr[-3000:])
+            raise SystemExit(f"{name}: rewrite failed")
+        _, rc, secs, maxrss_kb = line[0].split()
+        rss = int(maxrss_kb) * 1024
+        row = {"policy": POLICIES[name], "seconds": round(float(secs), 1),
+               "mb_per_s": round(total / 1e6 / float(secs), 1), "peak_rss_gb": round(rss / 1e9, 2),
+               "rss_over_layer": round(rss / layer, 2), "budget_gb": round(budget / 1e9, 2),
+               "within_budget": rss <= budget, "out_format": json.loads((out / "config.json").read_text())
+               .get("kvpass", {}).get("native", False) and "native" or "kvpass"}
+        rows.append(row)
+        print(f"{name:10s} {row['seconds']:7.1f}s  {row['mb_per_s']:7.1f} MB/s  peak RSS {row['peak_rss_gb']:.2f} GB "
+              f"({row['rss_over_layer']:.1f}x a layer; budget {row['budget_gb']:.2f} GB: "
+              f"{'met' if row['within_budget'] else 'MISSED'})  -> {row['out_format']}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "layers": args.layers,
+                                         "checkpoint_bytes": total, "layer_bytes": layer, "rows": rows}, indent=2))
+    shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
