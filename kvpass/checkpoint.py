@@ -157,6 +157,35 @@ def publish(tmp: Path, path: Path) -> None:
         tmp.rename(path)
 
 
+def _load_weights(model: nn.Module, shards: list[Path]) -> None:
+    """Load safetensors shards into ``model``: every tensor must exist there with its shape,
+    and every parameter/buffer must be loaded (tied weights: once is enough)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    want = model.state_dict()
+    loaded: set[str] = set()
+    for f in shards:
+        try:
+            sd = load_file(str(f))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: {str(e).splitlines()[0]}") from e
+        for k, t in sd.items():
+            if k not in want:
+                raise CheckpointError(f"{f}: does not match the structure in config.json "
+                                      f"(unexpected tensor {k})")
+            if tuple(t.shape) != tuple(want[k].shape):
+                raise CheckpointError(f"{f}: does not match the structure in config.json ({k} is "
+                                      f"{list(t.shape)}, the model has {list(want[k].shape)})")
+        model.load_state_dict(sd, strict=False)
+        loaded |= set(sd)
+    ptrs = {want[k].data_ptr() for k in loaded}
+    missing = [k for k in want if k not in loaded and want[k].data_ptr() not in ptrs]
+    if missing:
+        raise CheckpointError(f"{shards[0].parent}: does not match the structure in config.json "
+                              f"(missing {sorted(missing)[:5]})")
+
+
 def read_section(path: Path) -> tuple[dict, dict]:
     """(config dict, kvpass section) of a checkpoint folder, with clear errors."""
     cfg_file = path / "config.json"
@@ -179,8 +208,6 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """Load a folder written by :func:`save_pretrained` (or ``kvpass rewrite``). -> the
     optimised model (eval mode), equal to the one that was saved."""
     import transformers
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     from .api import optimize
     from .latent import fit_key_path
@@ -192,9 +219,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         if cls is None:
             raise CheckpointError(f"{path}: config.json names no transformers architecture")
         return cls.from_pretrained(path, dtype=dtype or torch.float32).eval()
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: no {WEIGHTS}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded (kvpass rewrite streams layer by layer)
+        try:
+            shards = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index: {e}") from e
+    else:
+        shards = [path / WEIGHTS]
+    for f in shards:
+        if not f.is_file():
+            raise CheckpointError(f"{path}: no {f.name}")
     config_dict = {k: v for k, v in config_dict.items() if k != "kvpass"}
     archs = config_dict.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
@@ -212,17 +247,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         core.plan = dataclasses.replace(
             core.plan, keep=None if plan["keep"] is None else tuple(plan["keep"]),
             head_map=None if plan["head_map"] is None else tuple(plan["head_map"]))
-    try:
-        missing, unexpected = load_model(fast, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        if lines:
-            raise CheckpointError(f"{weights}: does not match the structure in config.json "
-                                  f"({lines[0]})") from e
-        raise CheckpointError(f"{weights}: {str(e).splitlines()[0]}") from e
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: does not match the structure in config.json "
-                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    _load_weights(fast, shards)
     for att in by_layer.values():
         lat = att.kv_core.latent
         if lat is not None and not lat.absorbed:

@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     rw.add_argument("--allow-pickle", action="store_true",
                     help="accept pickle .bin sources (loaded with weights_only=True)")
     rw.add_argument("--no-native", action="store_true", help="always write a kvpass checkpoint")
+    rw.add_argument("--in-memory", action="store_true",
+                    help="load the whole model even when the policy could stream layer by layer")
     rw.set_defaults(func=cmd_rewrite)
     return p
 
@@ -90,7 +92,7 @@ def cmd_rewrite(args) -> int:
     policy = parse_policy(args.policy)
     summary = rewrite(args.src, args.out, policy, calibration=args.calibration, dtype=args.dtype,
                       force=args.force, allow_pickle=args.allow_pickle, heal=args.heal,
-                      native=not args.no_native)
+                      native=not args.no_native, stream=not args.in_memory)
     print(main_summary(summary))
     return 0
 

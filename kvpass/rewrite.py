@@ -20,8 +20,9 @@ renamed at the end (an interrupted run, even ``kill -9``, leaves no ``OUT``); an
 ``OUT`` is refused unless ``force``; pickle (``.bin``) sources are refused unless
 ``allow_pickle`` (then loaded by transformers with ``weights_only=True``).
 
-Not yet done (issue 7): streaming layer by layer from the shards.  Today the whole model is in
-memory (peak ~ 2-3x the checkpoint at fp32); the memory goal of the issue is not met.
+Policies that change each layer from its own weights (no calibration, heal or cross-layer
+sharing) are applied **layer by layer** from the shards (:mod:`kvpass.stream`: about one layer in
+memory); the others load the whole model (fp32) and optimise it in memory.
 """
 
 from __future__ import annotations
@@ -212,8 +213,11 @@ def native_window(model) -> tuple[dict, dict] | None:
 
 def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: str | None = None,
             dtype: str = "float32", force: bool = False, allow_pickle: bool = False,
-            heal: int = 0, native: bool = True, progress: bool = True) -> dict:
-    """Rewrite checkpoint ``src`` into ``out`` (see module docstring). -> a summary dict."""
+            heal: int = 0, native: bool = True, progress: bool = True, stream: bool = True) -> dict:
+    """Rewrite checkpoint ``src`` into ``out`` (see module docstring). -> a summary dict.
+
+    ``stream``: layer by layer from the shards where the policy allows it
+    (:mod:`kvpass.stream`); otherwise, or with ``stream=False``, the whole model in memory."""
     from . import models
     from .api import kv_bytes_per_token, optimize
 
@@ -225,6 +229,20 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     safe, pickled = _source_files(folder)
     source = {"path": str(src), "sha256": files_sha256(safe or pickled)}
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if stream and not pickled:
+        from transformers import AutoTokenizer
+
+        from .stream import plan, stream_rewrite
+
+        sp = plan(folder, policy, heal)
+        if sp.reason is None:
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            summary = stream_rewrite(folder, out, policy, sp, dtype=torch_dtype, native=native, source=source,
+                                     tokenizer=tok, progress=progress)
+            return {"source": str(folder), "out": str(out), "seconds": time.perf_counter() - t0, **summary}
+        streamed_reason = sp.reason
+    else:
+        streamed_reason = "pickle source" if pickled else "stream=False"
     try:
         model, tok = models.load(folder, dtype=torch.float32)
     except KVPassError:
@@ -247,6 +265,7 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
         _save_native(fast, out, tok, native_parts, source, force)
         kind = "native"
     return {"source": str(folder), "out": str(out), "format": kind, "seconds": time.perf_counter() - t0,
+            "streamed": False, "why_not_streamed": streamed_reason,
             "kv_bytes_per_token": {"before": before, "after": after}}
 
 
@@ -276,7 +295,8 @@ def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None
 
 def main_summary(summary: dict) -> str:
     b = summary["kv_bytes_per_token"]
-    return (f"wrote {summary['out']} ({summary['format']} checkpoint) in {summary['seconds']:.1f}s; "
+    how = "layer by layer" if summary.get("streamed") else f"in memory ({summary.get('why_not_streamed')})"
+    return (f"wrote {summary['out']} ({summary['format']} checkpoint, {how}) in {summary['seconds']:.1f}s; "
             f"KV cache {b['before']:,} -> {b['after']:,} bytes/token ({b['before'] / b['after']:.2f}x smaller)")
 
 

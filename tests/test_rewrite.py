@@ -96,6 +96,46 @@ def test_kvpass_checkpoint_equals_optimize_in_memory(src, tmp_path, policy, form
     assert (out / "tokenizer.json").exists()
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A 3-layer tiny Llama saved in several shards."""
+    tok = tf.AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    torch.manual_seed(1)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("sharded") / "tiny"
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="200KB")
+    tok.save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    return folder
+
+
+@pytest.mark.parametrize("policy,form", [
+    ("mhc:rank=12,method=svd", kvpass.MHC(rank=12, method="svd")),
+    ("shared_kv:kv_heads=1+sparse:block=4,local=1,global_tokens=1",
+     [kvpass.SharedKV(kv_heads=1), kvpass.Sparse(block=4, local=1, global_tokens=1)]),
+])
+def test_streaming_rewrite_equals_optimize(sharded, tmp_path, capsys, policy, form):
+    """Weight-local policies stream layer by layer from the shards; the result is the model
+    optimize() gives in memory."""
+    out = tmp_path / "streamed"
+    assert main(["rewrite", str(sharded), str(out), "--policy", policy]) == 0
+    assert "layer by layer" in capsys.readouterr().out
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    again = kvpass.from_pretrained(out)
+    model, _ = models.load(sharded)
+    fast = kvpass.optimize(model, form)
+    torch.testing.assert_close(_logits(again), _logits(fast), atol=1e-5, rtol=1e-5)
+    assert kvpass.kv_bytes_per_token(again) == kvpass.kv_bytes_per_token(fast)
+
+
+def test_calibrating_policy_says_why_it_is_not_streamed(sharded, tmp_path, capsys):
+    out = tmp_path / "mem"
+    assert main(["rewrite", str(sharded), str(out), "--policy", "mhc:rank=12,method=whitened",
+                 "--calibration", TEXT]) == 0
+    assert "in memory (forms ['mhc']" in capsys.readouterr().out
+
+
 def test_existing_output_is_refused_unless_forced(src, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
@@ -103,7 +143,7 @@ def test_existing_output_is_refused_unless_forced(src, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err
     assert main(["rewrite", str(src), str(out), "--policy", "window:size=8", "--force"]) == 0
-    assert (out / "model.safetensors").exists()
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
 
 
 def test_bad_sources_exit_2_with_one_line(src, tmp_path, capsys):
@@ -149,7 +189,8 @@ def test_kill_9_leaves_no_partial_output(src, tmp_path):
     proc.wait()
     # killed while writing: OUT is absent, or (if the rename won the race) complete
     if out.exists():
-        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+        names = {p.name for p in out.iterdir()}
+        assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= names
 
 
 def test_policy_shorthand_and_errors():

@@ -1,0 +1,230 @@
+"""Streaming checkpoint rewrite: one decoder layer in memory at a time.
+
+Used by ``kvpass rewrite`` when the policy changes each layer from that layer's own weights
+alone (no calibration, no healing, no cross-layer sharing): ``Full``, ``Window``, ``Sparse``,
+``SharedKV`` (contiguous groups, mean merge) and ``MHC(method="svd")`` without allocation or
+refit.  Other policies need activations and go through the in-memory path.
+
+How: a *structural twin* is built from the source config -- one decoder layer with the same
+attention shapes (tiny MLP and vocabulary) -- and captured once (``optimize(twin)``).  For
+each real layer ``i``, only its attention tensors are read from the shards into the twin's
+layer, the passes run on it (re-planning the twin's capture), and the rewritten attention
+tensors, renamed to layer ``i``, go to that layer's output shard together with the layer's
+other tensors, copied through.  Peak memory is about one layer (source + rewritten) plus the
+twin, whatever the model's depth.
+
+The twin must be able to stand in for every layer: the config needs ``num_hidden_layers`` and
+all layers of one kind (``layer_types``, if present, all equal); the attention module's path
+must hold the layer index as its one numeric segment.  When something does not fit,
+:func:`plan` says why and the caller falls back to the in-memory rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import FORMAT, _structural, staged
+from .errors import KVPassError
+from .lower import KVAttention
+from .policy import Policy
+
+__all__ = ["plan", "stream_rewrite", "StreamPlan"]
+
+_TWIN = {"intermediate_size": 16, "vocab_size": 256}
+
+
+@dataclass
+class StreamPlan:
+    config: dict  # the source config (dict)
+    twin_config: object
+    layers: int
+    reason: str | None = None  # why not streamable (None: streamable)
+
+
+def _streamable_form(f) -> bool:
+    if f.kind in ("full", "window", "sparse"):
+        return True
+    if f.kind == "shared_kv":
+        return f.cross_layer == 1 and f.grouping == "contiguous" and f.merge == "mean"
+    if f.kind == "mhc":
+        return f.method == "svd" and not f.allocate and not f.refit
+    return False
+
+
+def plan(folder: Path, policy: Policy, heal: int) -> StreamPlan:
+    """Whether ``policy`` can be applied to the checkpoint in ``folder`` layer by layer."""
+    import transformers as tf
+
+    cfg = json.loads((folder / "config.json").read_text())
+    n = cfg.get("num_hidden_layers")
+    out = StreamPlan(cfg, None, n or 0)
+    if heal:
+        out.reason = "healing trains on activations"
+    elif not isinstance(n, int) or n < 1:
+        out.reason = "config has no num_hidden_layers"
+    elif len(set(cfg.get("layer_types") or ["one"])) != 1:
+        out.reason = "layers of different kinds (layer_types)"
+    else:
+        forms = {f for i in range(n) for f in policy.forms_for(i, "")} | set(policy.default)
+        for sel_forms in policy.layers.values():
+            forms |= set(sel_forms)
+        bad = sorted({f.kind for f in forms if not _streamable_form(f)})
+        if bad:
+            out.reason = f"forms {bad} (as configured) need calibration or several layers at once"
+    if out.reason is None:
+        twin = dict(cfg, num_hidden_layers=1, **{k: v for k, v in _TWIN.items() if k in cfg})
+        if cfg.get("layer_types"):
+            twin["layer_types"] = cfg["layer_types"][:1]
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            ids = twin.get(key)
+            if isinstance(ids, int) and ids >= _TWIN["vocab_size"] or isinstance(ids, list):
+                twin[key] = None
+        twin.pop("kvpass", None)
+        try:
+            out.twin_config = tf.AutoConfig.for_model(**twin)
+        except Exception as e:  # noqa: BLE001
+            out.reason = f"cannot build a one-layer twin from the config ({type(e).__name__})"
+    return out
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update(dict.fromkeys(h.keys(), f))
+    return out
+
+
+class _Reader:
+    """Tensors by name from the source shards (files opened lazily, one at a time)."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._open: tuple[Path, object] | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        f = self.files[name]
+        if self._open is None or self._open[0] != f:
+            self._open = (f, safe_open(str(f), "pt"))
+        return self._open[1].get_tensor(name)
+
+
+def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, dtype: torch.dtype,
+                   native: bool, source: dict, tokenizer, progress: bool = True) -> dict:
+    """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes)."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from .api import kv_bytes_per_token, optimize
+
+    causal = any(a.endswith("ForCausalLM") for a in sp.config.get("architectures") or [])
+    auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    torch.manual_seed(0)
+    twin = auto.from_config(sp.twin_config).eval()
+    base = optimize(twin, inplace=True)
+    sites = [s for s in base._kvpass.sites if s.name]
+    if len(sites) != 1:
+        raise KVPassError(f"streaming rewrite: the one-layer twin has {len(sites)} attention sites")
+    site = sites[0]
+    segs = [i for i, s in enumerate(site.name.split(".")) if s.isdigit()]
+    if len(segs) != 1:
+        raise KVPassError(f"streaming rewrite: cannot tell the layer index in {site.name!r}")
+    parts = site.name.split(".")
+
+    def real_name(i: int) -> str:
+        return ".".join(p if j != segs[0] else str(i) for j, p in enumerate(parts))
+
+    layer_root = ".".join(parts[: segs[0]])  # e.g. "model.layers"
+    files = _tensor_files(folder)
+    reader = _Reader(files)
+    twin_params = dict(base.named_parameters())
+    attn_keys = [k for k in base.state_dict() if k.startswith(site.name + ".")]
+    n = sp.layers
+    per_layer = re.compile(re.escape(layer_root) + r"\.(\d+)\.")
+    shard = "model-{:05d}-of-{:05d}.safetensors"
+    weight_map: dict[str, str] = {}
+    layers_cfg, plans, kinds = {}, {}, set()
+    before = kv_bytes_per_token(base) * n
+    after = 0
+    native_kv = None  # stored heads of a native fewer-KV-heads output (None: not native)
+    t0 = time.perf_counter()
+    with staged(out) as tmp:
+        rest = {k: reader.get(k).to(dtype) for k in files if not per_layer.match(k)}
+        name = shard.format(1, n + 1)
+        save_file(rest, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(rest, name))
+        del rest
+        for i in tqdm(range(n), desc="kvpass: rewriting layers (streaming)", disable=not progress):
+            real = real_name(i)
+            with torch.no_grad():
+                for k in attn_keys:
+                    if k in twin_params:
+                        twin_params[k].copy_(reader.get(real + k[len(site.name):]).float())
+            forms = policy.forms_for(i, real)
+            fast = optimize(base, Policy(default=forms))
+            att = next(m for m in fast.modules() if isinstance(m, KVAttention))
+            after += kv_bytes_per_token(fast)
+            layers_cfg[i] = [_structural(f, att).to_dict() for f in att.kv_core.forms]
+            p = att.kv_core.plan
+            plans[str(i)] = {"keep": None if p.keep is None else list(p.keep),
+                             "head_map": None if p.head_map is None else list(p.head_map)}
+            kinds.add(tuple(f.kind for f in att.kv_core.forms))
+            new = {real + k[len(site.name):]: v.detach().to(dtype).contiguous()
+                   for k, v in fast.state_dict().items() if k.startswith(site.name + ".")}
+            if native:
+                from .rewrite import native_shared_kv
+
+                nat = native_shared_kv(fast)
+                if nat is not None:
+                    state, changes = nat
+                    if native_kv not in (None, changes["num_key_value_heads"]):
+                        raise KVPassError("streaming rewrite: layers kept different numbers of KV heads")
+                    native_kv = changes["num_key_value_heads"]
+                    new = {real + k[len(site.name):]: state[k].to(dtype).contiguous()
+                           for k in state if k.startswith(site.name + ".")}
+            prefix = f"{layer_root}.{i}."
+            other = {k: reader.get(k).to(dtype) for k in files
+                     if k.startswith(prefix) and not k.startswith(real + ".")}
+            name = shard.format(i + 2, n + 1)
+            save_file({**other, **new}, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys([*other, *new], name))
+            del fast, new, other
+        config = dict(sp.config)
+        config.pop("kvpass", None)
+        section = {"format": FORMAT, "plans": plans, "source": source, "streamed": True,
+                   "policy": Policy(layers={i: f for i, f in layers_cfg.items()}).to_dict()}
+        fmt = "kvpass"
+        uniform_window = len(kinds) == 1 and kinds == {("window",)} and config.get("model_type") == "llama" \
+            and not config.get("attention_bias") and not config.get("mlp_bias")
+        window_sizes = {tuple(tuple(sorted(f.items())) for f in v) for v in layers_cfg.values()}
+        if native and native_kv is not None and kinds == {("shared_kv",)}:
+            config["num_key_value_heads"] = native_kv
+            section["native"], fmt = True, "native"
+        elif native and uniform_window and len(window_sizes) == 1 and layers_cfg[0][0]["sinks"] == 0:
+            config.update(model_type="mistral", architectures=["MistralForCausalLM"],
+                          sliding_window=layers_cfg[0][0]["size"])
+            section["native"], fmt = True, "native"
+        config["kvpass"] = section
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return {"format": fmt, "streamed": True, "seconds_layers": time.perf_counter() - t0,
+            "kv_bytes_per_token": {"before": before, "after": after}}
