@@ -95,6 +95,41 @@ def files_sha256(paths) -> str:
     return h.hexdigest()
 
 
+class BackgroundHash:
+    """:func:`files_sha256` computed in a forked process (it only reads files and hashes), so it
+    runs on another core while the rewrite works; ``result()`` waits.  Inline where fork is
+    not available."""
+
+    def __init__(self, paths):
+        import multiprocessing as mp
+
+        self.paths = [str(p) for p in paths]
+        self._value = None
+        try:
+            ctx = mp.get_context("fork")
+        except ValueError:
+            self._value = files_sha256(self.paths)
+            return
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_hash_child, args=(self.paths, send), daemon=True)
+        self._proc.start()
+        send.close()
+
+    def result(self) -> str:
+        if self._value is None:
+            try:
+                self._value = self._recv.recv()
+            except EOFError:  # the child died: do it here
+                self._value = files_sha256(self.paths)
+            self._proc.join()
+        return self._value
+
+
+def _hash_child(paths, conn) -> None:
+    conn.send(files_sha256(paths))
+    conn.close()
+
+
 def kvpass_section(model: nn.Module, source: dict | None = None) -> dict:
     plans = {}
     for att in _layers(model):
@@ -102,7 +137,12 @@ def kvpass_section(model: nn.Module, source: dict | None = None) -> dict:
         plans[str(att.site.layer)] = {"keep": None if p.keep is None else list(p.keep),
                                       "head_map": None if p.head_map is None else list(p.head_map)}
     return {"format": FORMAT, "policy": structural_policy(model).to_dict(), "plans": plans,
-            "source": source or {}}
+            "source": resolved(source)}
+
+
+def resolved(source: dict | None) -> dict:
+    """``source`` with any :class:`BackgroundHash` replaced by its value."""
+    return {k: v.result() if isinstance(v, BackgroundHash) else v for k, v in (source or {}).items()}
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,

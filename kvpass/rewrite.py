@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import _is_file
-from .checkpoint import CheckpointError, files_sha256, kvpass_section, save_pretrained, staged
+from .checkpoint import BackgroundHash, CheckpointError, kvpass_section, save_pretrained, staged
 from .errors import KVPassError, PolicyError
 from .lower import KVAttention
 from .policy import FORMS, Form, Policy
@@ -227,7 +227,8 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     t0 = time.perf_counter()
     folder = _check_source(src, allow_pickle)
     safe, pickled = _source_files(folder)
-    source = {"path": str(src), "sha256": files_sha256(safe or pickled)}
+    digest = BackgroundHash(safe or pickled)
+    source = {"path": str(src), "sha256": digest}  # filled in before anything is written
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if stream and not pickled:
         from transformers import AutoTokenizer

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import FORMAT, _structural, staged
+from .checkpoint import FORMAT, _structural, resolved, staged
 from .errors import KVPassError
 from .lower import KVAttention
 from .policy import Policy
@@ -205,7 +205,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             del fast, new, other
         config = dict(sp.config)
         config.pop("kvpass", None)
-        section = {"format": FORMAT, "plans": plans, "source": source, "streamed": True,
+        section = {"format": FORMAT, "plans": plans, "source": resolved(source), "streamed": True,
                    "policy": Policy(layers={i: f for i, f in layers_cfg.items()}).to_dict()}
         fmt = "kvpass"
         uniform_window = len(kinds) == 1 and kinds == {("window",)} and config.get("model_type") == "llama" \
