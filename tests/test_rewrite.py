@@ -24,18 +24,21 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "must be in want of a wife. ") * 16
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
+def _tiny_llama(folder: Path, layers: int, seed: int, shard: str | None = None) -> Path:
     """A tiny random Llama with the SmolLM2 tokenizer, saved as an HF folder (safetensors)."""
     tok = tf.AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    folder = tmp_path_factory.mktemp("src") / "tiny"
-    model.save_pretrained(folder)
+    kw = {} if shard is None else {"max_shard_size": shard}
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder, **kw)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("src") / "tiny", layers=2, seed=0)
 
 
 def _digest(folder: Path) -> str:
@@ -99,13 +102,7 @@ def test_kvpass_checkpoint_equals_optimize_in_memory(src, tmp_path, policy, form
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """A 3-layer tiny Llama saved in several shards."""
-    tok = tf.AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
-    torch.manual_seed(1)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    folder = tmp_path_factory.mktemp("sharded") / "tiny"
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="200KB")
-    tok.save_pretrained(folder)
+    folder = _tiny_llama(tmp_path_factory.mktemp("sharded") / "tiny", layers=3, seed=1, shard="200KB")
     assert len(list(folder.glob("*.safetensors"))) > 1
     return folder
 
