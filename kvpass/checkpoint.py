@@ -131,13 +131,15 @@ def _hash_child(paths, conn) -> None:
 
 
 def kvpass_section(model: nn.Module, source: dict | None = None) -> dict:
-    plans = {}
-    for att in _layers(model):
-        p = att.kv_core.plan
-        plans[str(att.site.layer)] = {"keep": None if p.keep is None else list(p.keep),
-                                      "head_map": None if p.head_map is None else list(p.head_map)}
+    plans = {str(att.site.layer): plan_record(att.kv_core.plan) for att in _layers(model)}
     return {"format": FORMAT, "policy": structural_policy(model).to_dict(), "plans": plans,
             "source": resolved(source)}
+
+
+def plan_record(plan) -> dict:
+    """The part of a layer's plan the weights do not determine (stored heads, head map)."""
+    return {"keep": None if plan.keep is None else list(plan.keep),
+            "head_map": None if plan.head_map is None else list(plan.head_map)}
 
 
 def resolved(source: dict | None) -> dict:
@@ -254,10 +256,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
     path = Path(path)
     config_dict, section = read_section(path)
+    archs = config_dict.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise CheckpointError(f"{path}: config.json names no transformers architecture ({archs!r})")
     if section.get("native"):  # a stock transformers checkpoint (kvpass rewrite wrote it so)
-        cls = getattr(transformers, (config_dict.get("architectures") or [""])[0], None)
-        if cls is None:
-            raise CheckpointError(f"{path}: config.json names no transformers architecture")
         return cls.from_pretrained(path, dtype=dtype or torch.float32).eval()
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded (kvpass rewrite streams layer by layer)
@@ -271,10 +274,6 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         if not f.is_file():
             raise CheckpointError(f"{path}: no {f.name}")
     config_dict = {k: v for k, v in config_dict.items() if k != "kvpass"}
-    archs = config_dict.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise CheckpointError(f"{path}: config.json names no transformers architecture ({archs!r})")
     config = transformers.AutoConfig.for_model(**config_dict)
     torch.manual_seed(0)
     model = cls(config).eval()

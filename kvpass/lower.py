@@ -217,13 +217,17 @@ class KVCore(nn.Module):
         k, v = lat.keys_values(k, k_pos)
         return self._attend(q, k, v, q_pos, k_pos, limit, head_map)
 
+    def _block_table(self, limit: int, device):
+        """(block table for keys up to ``limit``, block size) of a sparse plan, else (None, None)."""
+        pattern = self.plan.pattern
+        if pattern is None:
+            return None, None
+        return pattern.table(-(-limit // pattern.block)).table.to(device), pattern.block
+
     def _attend_fused(self, q, c, q_pos, k_pos, limit, head_map):
         """Generated latent kernels: keys/values rebuilt from the latent ``c`` in registers."""
         s, plan, lat = self.spec, self.plan, self.latent
-        table, block = None, None
-        if plan.pattern is not None:
-            block = plan.pattern.block
-            table = plan.pattern.table(-(-limit // block)).table.to(q.device)
+        table, block = self._block_table(limit, q.device)
         fit = lat.fit
         spec = _kernel_spec(s, head_map, lat.kv_heads, str(q.dtype).replace("torch.", ""), False,
                             window=plan.window, sinks=plan.sinks, block=block,
@@ -236,10 +240,7 @@ class KVCore(nn.Module):
 
     def _attend(self, q, k, v, q_pos, k_pos, limit, head_map):
         s, plan = self.spec, self.plan
-        table, block = None, None
-        if plan.pattern is not None:
-            block = plan.pattern.block
-            table = plan.pattern.table(-(-limit // block)).table.to(q.device)
+        table, block = self._block_table(limit, q.device)
         args = dict(window=plan.window, sinks=plan.sinks, block=block)
         spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,
                             has_block_mask=table is not None, head_dim=q.shape[-1],

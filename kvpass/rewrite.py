@@ -195,20 +195,25 @@ def native_shared_kv(model) -> tuple[dict, dict] | None:
 def native_window(model) -> tuple[dict, dict] | None:
     """(state_dict, config changes) of a Mistral-style ``sliding_window`` checkpoint for a
     Llama source whose every layer got the same ``Window(size=W, sinks=0)``, else None."""
-    cfg = model.config
     mods = [m for m in model.modules() if isinstance(m, KVAttention)]
     report = model._kvpass
-    if (cfg.model_type != "llama" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)
-            or not mods or report.kept or len(mods) != len(report.sites)):
+    if not mods or report.kept or len(mods) != len(report.sites):
         return None
-    forms = {m.kv_core.forms for m in mods}
-    if len(forms) != 1:
+    changes = window_changes(model.config.to_dict(), [m.kv_core.forms for m in mods])
+    return None if changes is None else (model.state_dict(), changes)
+
+
+def window_changes(config: dict, layer_forms: list) -> dict | None:
+    """Config changes that make a Llama ``config`` whose every layer has the forms
+    ``(Window(size=W, sinks=0),)`` a Mistral ``sliding_window=W`` model, else None."""
+    if config.get("model_type") != "llama" or config.get("attention_bias") or config.get("mlp_bias"):
         return None
-    (only,) = forms
+    if not layer_forms or len(set(map(tuple, layer_forms))) != 1:
+        return None
+    only = tuple(layer_forms[0])
     if len(only) != 1 or only[0].kind != "window" or only[0].sinks != 0:
         return None
-    return model.state_dict(), {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
-                                "sliding_window": only[0].size}
+    return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": only[0].size}
 
 
 def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: str | None = None,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import FORMAT, _structural, resolved, staged
+from .checkpoint import FORMAT, _structural, plan_record, resolved, staged
 from .errors import KVPassError
 from .lower import KVAttention
 from .policy import Policy
@@ -72,9 +72,7 @@ def plan(folder: Path, policy: Policy, heal: int) -> StreamPlan:
     elif len(set(cfg.get("layer_types") or ["one"])) != 1:
         out.reason = "layers of different kinds (layer_types)"
     else:
-        forms = {f for i in range(n) for f in policy.forms_for(i, "")} | set(policy.default)
-        for sel_forms in policy.layers.values():
-            forms |= set(sel_forms)
+        forms = set(policy.default).union(*policy.layers.values())
         bad = sorted({f.kind for f in forms if not _streamable_form(f)})
         if bad:
             out.reason = f"forms {bad} (as configured) need calibration or several layers at once"
@@ -130,6 +128,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
     from safetensors.torch import save_file
 
     from .api import kv_bytes_per_token, optimize
+    from .rewrite import native_shared_kv, window_changes
 
     causal = any(a.endswith("ForCausalLM") for a in sp.config.get("architectures") or [])
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
@@ -157,7 +156,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
     per_layer = re.compile(re.escape(layer_root) + r"\.(\d+)\.")
     shard = "model-{:05d}-of-{:05d}.safetensors"
     weight_map: dict[str, str] = {}
-    layers_cfg, plans, kinds = {}, {}, set()
+    structural, plans, layer_forms = {}, {}, []
     before = kv_bytes_per_token(base) * n
     after = 0
     native_kv = None  # stored heads of a native fewer-KV-heads output (None: not native)
@@ -178,45 +177,37 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             fast = optimize(base, Policy(default=forms))
             att = next(m for m in fast.modules() if isinstance(m, KVAttention))
             after += kv_bytes_per_token(fast)
-            layers_cfg[i] = [_structural(f, att).to_dict() for f in att.kv_core.forms]
-            p = att.kv_core.plan
-            plans[str(i)] = {"keep": None if p.keep is None else list(p.keep),
-                             "head_map": None if p.head_map is None else list(p.head_map)}
-            kinds.add(tuple(f.kind for f in att.kv_core.forms))
+            layer_forms.append(att.kv_core.forms)
+            plans[str(i)] = plan_record(att.kv_core.plan)
+            nat = native_shared_kv(fast) if native else None
+            if nat is not None:
+                state, changes = nat
+                if native_kv not in (None, changes["num_key_value_heads"]):
+                    raise KVPassError("streaming rewrite: layers kept different numbers of KV heads")
+                native_kv = changes["num_key_value_heads"]
+            else:
+                state = fast.state_dict()
             new = {real + k[len(site.name):]: v.detach().to(dtype).contiguous()
-                   for k, v in fast.state_dict().items() if k.startswith(site.name + ".")}
-            if native:
-                from .rewrite import native_shared_kv
-
-                nat = native_shared_kv(fast)
-                if nat is not None:
-                    state, changes = nat
-                    if native_kv not in (None, changes["num_key_value_heads"]):
-                        raise KVPassError("streaming rewrite: layers kept different numbers of KV heads")
-                    native_kv = changes["num_key_value_heads"]
-                    new = {real + k[len(site.name):]: state[k].to(dtype).contiguous()
-                           for k in state if k.startswith(site.name + ".")}
+                   for k, v in state.items() if k.startswith(site.name + ".")}
+            structural[i] = [_structural(f, att) for f in att.kv_core.forms]
             prefix = f"{layer_root}.{i}."
             other = {k: reader.get(k).to(dtype) for k in files
                      if k.startswith(prefix) and not k.startswith(real + ".")}
             name = shard.format(i + 2, n + 1)
             save_file({**other, **new}, str(tmp / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys([*other, *new], name))
-            del fast, new, other
+            del fast, att, state, new, other
         config = dict(sp.config)
         config.pop("kvpass", None)
         section = {"format": FORMAT, "plans": plans, "source": resolved(source), "streamed": True,
-                   "policy": Policy(layers={i: f for i, f in layers_cfg.items()}).to_dict()}
+                   "policy": Policy(layers=structural).to_dict()}
         fmt = "kvpass"
-        uniform_window = len(kinds) == 1 and kinds == {("window",)} and config.get("model_type") == "llama" \
-            and not config.get("attention_bias") and not config.get("mlp_bias")
-        window_sizes = {tuple(tuple(sorted(f.items())) for f in v) for v in layers_cfg.values()}
-        if native and native_kv is not None and kinds == {("shared_kv",)}:
+        window = window_changes(config, layer_forms) if native else None
+        if native_kv is not None and {tuple(f.kind for f in fs) for fs in layer_forms} == {("shared_kv",)}:
             config["num_key_value_heads"] = native_kv
             section["native"], fmt = True, "native"
-        elif native and uniform_window and len(window_sizes) == 1 and layers_cfg[0][0]["sinks"] == 0:
-            config.update(model_type="mistral", architectures=["MistralForCausalLM"],
-                          sliding_window=layers_cfg[0][0]["size"])
+        elif window is not None:
+            config.update(window)
             section["native"], fmt = True, "native"
         config["kvpass"] = section
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
