@@ -22,7 +22,12 @@ from .sites import AttentionSite, find_sites_in
 
 __all__ = ["optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report"]
 
-VISIBILITY_FORMS = ("full", "window", "sparse")  # forms that change no weights
+VISIBILITY_FORMS = ("full", "window", "sparse", "quantize")  # forms that change no weights
+
+
+def _in_order(forms):
+    """Passes run in the policy's order, except Quantize last (it stores what the others keep)."""
+    return sorted(forms, key=lambda f: f.kind == "quantize")
 
 IMPLEMENTED = {"full", *PASSES}  # form kinds optimize can lower
 
@@ -153,7 +158,7 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, pr
             with torch.no_grad(), collect_stats(att.kv_core) as stats:
                 run_calls(att, calls)
         ctx = PassContext(weights, stats, calls, ranks, progress=progress)
-        for form in forms:
+        for form in _in_order(forms):
             att.kv_core.plan = PASSES[form.kind](att, site, form, ctx)
             _count(report, form.kind)
         if ctx.removed:
@@ -173,8 +178,9 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, pr
 def retarget(model: nn.Module, policy) -> nn.Module:
     """Give an optimised model other *visibility* forms in place, without capturing again.
 
-    Only forms that change no weights (``Full``, ``Window``, ``Sparse``) on layers whose heads
-    and sharing are not changed; what results equals ``optimize(original, policy)``.  Cheap
+    Only forms that change no weights (``Full``, ``Window``, ``Sparse``, ``Quantize``), on
+    layers whose other forms (heads, sharing, latents) stay as they are; what results equals
+    ``optimize(original, policy)``.  Cheap
     (no trace): for sweeping windows and patterns over one model.  Caches made before are not
     valid afterwards.
 
@@ -192,14 +198,14 @@ def retarget(model: nn.Module, policy) -> nn.Module:
     for att in [m for m in model.modules() if isinstance(m, KVAttention)]:
         core, site = att.kv_core, att.site
         forms = policy.forms_for(site.layer, site.name)
-        bad = [f.kind for f in forms if f.kind not in VISIBILITY_FORMS]
-        if bad or core.producer is not None or any(f.kind not in VISIBILITY_FORMS for f in core.forms):
-            raise KVPassError(f"{site.name}: retarget changes only {VISIBILITY_FORMS} forms on layers with "
-                              f"their own heads; this layer has {[f.kind for f in core.forms]}, asked {bad}; "
-                              "use optimize() on the original model")
-        core.plan = LayerPlan()
-        for form in forms:
-            if form.kind != "full":
+        fixed = [f for f in core.forms if f.kind not in VISIBILITY_FORMS]
+        if core.producer is not None or [f for f in forms if f.kind not in VISIBILITY_FORMS] != fixed:
+            raise KVPassError(f"{site.name}: retarget changes only {VISIBILITY_FORMS} forms, on layers with "
+                              f"their own cache; this layer has {[f.kind for f in core.forms]}, asked "
+                              f"{[f.kind for f in forms]}; use optimize() on the original model")
+        core.plan = dataclasses.replace(core.plan, window=None, sinks=0, pattern=None, quant=None)
+        for form in _in_order(forms):
+            if form.kind in VISIBILITY_FORMS and form.kind != "full":
                 core.plan = PASSES[form.kind](att, site, form, PassContext(weights))
         core.forms = forms
     return model
@@ -280,7 +286,8 @@ def _prepare_caches(model: nn.Module, args, kwargs):
     cores = [m.kv_core for m in model.modules() if isinstance(m, KVAttention)]
     for cache in find_caches(kwargs):
         for c in sorted(cores, key=lambda c: c.producer is not None):
-            ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring())
+            ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring(),
+                         quant=c.plan.quant)
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:

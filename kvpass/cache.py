@@ -14,8 +14,10 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["KVCacheLayer", "KVSlidingCacheLayer", "KVSharedLayer", "KVRingLayer", "RingSpec", "ensure_layer",
-           "cache_nbytes", "find_caches", "token_positions"]
+from .quant import QTensor, QuantRule, dequantize, fake_quantize, quantize
+
+__all__ = ["KVCacheLayer", "KVSlidingCacheLayer", "KVSharedLayer", "KVRingLayer", "KVQuantLayer", "RingSpec",
+           "ensure_layer", "cache_nbytes", "find_caches", "token_positions"]
 
 
 class KVCacheLayer(DynamicLayer):
@@ -51,11 +53,13 @@ class KVSharedLayer(DynamicLayer):
         return 0
 
 
-def ensure_layer(cache: Cache, idx: int, source: int | None = None, ring: RingSpec | None = None):
+def ensure_layer(cache: Cache, idx: int, source: int | None = None, ring: RingSpec | None = None,
+                 quant: QuantRule | None = None):
     """The kvpass layer at ``idx`` of ``cache``, swapping in one where HF put its default.
 
     ``source``: for a cross-layer consumer, the producer's index (the slot then stores nothing).
-    ``ring``: the slot stores tokens with their positions (:class:`KVRingLayer`).
+    ``ring``: the slot stores tokens with their positions (:class:`KVRingLayer`); with
+    ``quant`` as packed integers (:class:`KVQuantLayer`).
     """
     while len(cache.layers) <= max(idx, source or 0):
         cache.layers.append(DynamicLayer())
@@ -68,7 +72,9 @@ def ensure_layer(cache: Cache, idx: int, source: int | None = None, ring: RingSp
         return layer
     if getattr(layer, "is_initialized", False) and layer.get_seq_length() > 0:
         return layer  # a cache filled elsewhere: use as it is
-    if ring is not None and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+    if quant is not None and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+        new = KVQuantLayer(ring or RingSpec(), quant, getattr(layer, "sliding_window", None))
+    elif ring is not None and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
         new = KVRingLayer(ring, getattr(layer, "sliding_window", None))
     elif type(layer) is DynamicSlidingWindowLayer:
         new = KVSlidingCacheLayer(sliding_window=layer.sliding_window)
@@ -81,9 +87,13 @@ def ensure_layer(cache: Cache, idx: int, source: int | None = None, ring: RingSp
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by every layer's stored tensors (keys, values, and a ring's positions)."""
+    """Bytes held by every layer's stored tensors (keys, values, a ring's positions; packed
+    codes, scales, zeros and the full-precision residual of a quantized layer)."""
     total = 0
     for layer in cache.layers:
+        if isinstance(layer, KVQuantLayer):
+            total += layer.nbytes()
+            continue
         for name in ("keys", "values", "positions"):
             t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor):
@@ -254,3 +264,188 @@ class KVRingLayer(DynamicLayer):
         self.keys = self.values = self.positions = self.n_seen = self.step = None
         self.is_initialized = False
         self.cumulative_length = 0
+
+
+class _QPart:
+    """One quantized tensor of a :class:`KVQuantLayer` (keys or values): packed codes
+    [B, H, slots, W·bits/8], scale/zero [B, H, slots, W/group] (token axis) or
+    [B, H, slots/unit, W] (channel axis), in the cache dtype."""
+
+    def __init__(self, like: Tensor, rule: QuantRule, axis: str):
+        B, H, _, W = like.shape
+        self.rule, self.axis, self.width = rule, axis, W
+        self.codes = torch.zeros(B, H, 0, W * rule.bits // 8, dtype=torch.uint8, device=like.device)
+        sw = W // rule.group if axis == "token" else W
+        self.scale = like.new_zeros(B, H, 0, sw)
+        self.zero = like.new_zeros(B, H, 0, sw)
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.codes, self.scale, self.zero
+
+    def grow(self, slots: int) -> None:
+        B, H, n, Wp = self.codes.shape
+        if slots <= n:
+            return
+        self.codes = torch.cat([self.codes, self.codes.new_zeros(B, H, slots - n, Wp)], 2)
+        rows = slots if self.axis == "token" else slots // self.rule.unit
+        extra = rows - self.scale.shape[2]
+        self.scale = torch.cat([self.scale, self.scale.new_zeros(B, H, extra, self.scale.shape[3])], 2)
+        self.zero = torch.cat([self.zero, self.zero.new_zeros(B, H, extra, self.zero.shape[3])], 2)
+
+    def qtensor(self) -> QTensor:
+        r = self.rule
+        group = r.group if self.axis == "token" else r.unit
+        return QTensor(self.codes, self.scale, self.zero, r.bits, group, self.axis)
+
+    def dequantized(self) -> Tensor:
+        if self.axis == "channel" and self.codes.shape[2] % self.rule.unit:
+            raise AssertionError("channel-axis store must hold whole units")
+        return dequantize(self.qtensor())
+
+    def encode(self, x: Tensor, pos: Tensor, base: Tensor):
+        """-> (x̂ of every token, a writer ``write(bi, ti, slot)`` storing token ti of row bi)."""
+        r = self.rule
+        if self.axis == "token":
+            qt = quantize(x, r.bits, r.group, "token")
+            hat = dequantize(qt, x.dtype)
+
+            def write(bi, ti, slot):
+                self.codes[bi, :, slot] = qt.codes[bi, :, ti]
+                self.scale[bi, :, slot] = qt.scale[bi, :, ti]
+                self.zero[bi, :, slot] = qt.zero[bi, :, ti]
+            return hat, write
+        hat, qt, local = fake_quantize(x, pos, r.bits, r.unit, "channel", base)
+
+        def write(bi, ti, slot):
+            li = local[bi, ti]
+            self.codes[bi, :, slot] = qt.codes[bi, :, li]
+            self.scale[bi, :, slot // r.unit] = qt.scale[bi, :, li // r.unit]
+            self.zero[bi, :, slot // r.unit] = qt.zero[bi, :, li // r.unit]
+        return hat, write
+
+    def select(self, fn) -> None:
+        self.codes, self.scale, self.zero = fn(self.codes), fn(self.scale), fn(self.zero)
+
+
+class KVQuantLayer(KVRingLayer):
+    """Keys and values stored as packed integers with scales and zeros (:mod:`kvpass.quant`).
+
+    Slots work as in :class:`KVRingLayer` (a ring buffer when ``spec`` is bounded; the plan
+    aligns ``pinned`` and ``ring`` to the rule's unit so a per-channel group's slots are
+    contiguous).  Tokens not yet flushed (positions ``>= rule.flushed(n)``: the newest
+    ``residual`` tokens and an incomplete unit) wait in a full-precision buffer of
+    ``rule.buffer`` slots.  ``update`` returns every key the new queries may see, each in full
+    precision and as quantized (the rule picks per query), then flushes what it must.
+
+    Memory: ``slots × (codes + scales + 8-byte position)`` + the fixed residual buffer, all
+    counted by :meth:`nbytes` (what :func:`cache_nbytes` reads).
+    """
+
+    def __init__(self, spec: RingSpec, rule: QuantRule, model_window: int | None = None):
+        super().__init__(spec, model_window)
+        self.rule = rule
+        self.kq = self.vq = None
+        self.rk = self.rv = self.rpos = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys = self.values = None  # nothing stored in full precision but the residual
+        r = self.rule
+        self.kq = _QPart(key_states, r, r.keys)
+        self.vq = _QPart(value_states, r, r.values) if value_states.shape[-1] else None
+        B, H, _, D = key_states.shape
+        self.rk = key_states.new_zeros(B, H, r.buffer, D)
+        self.rv = value_states.new_zeros(B, value_states.shape[1], r.buffer, value_states.shape[-1])
+        self.rpos = torch.full((B, r.buffer), -1, dtype=torch.long, device=self.device)
+
+    def stored(self) -> tuple[Tensor, Tensor]:
+        """The quantized slots, dequantized (keys, values) -- what a kernel reads in registers."""
+        k = self.kq.dequantized()
+        v = self.vq.dequantized() if self.vq is not None else k.new_zeros(*k.shape[:3], 0)
+        return k, v
+
+    def update(self, key_states: Tensor, value_states: Tensor, valid: Tensor | None = None, *args, **kwargs):
+        """-> (keys, values, q_pos, k_pos, keys_hat, values_hat) to attend with."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, _, S, _ = key_states.shape
+        if valid is None:
+            valid = torch.ones(B, S, dtype=torch.bool, device=key_states.device)
+        rule, spec = self.rule, self.spec
+        pos = token_positions(valid, self.n_seen)
+        q_old = rule.flushed(self.n_seen)
+        n_new = self.n_seen + valid.sum(1)
+        q_new = rule.flushed(n_new)
+        ok = torch.cat([self.rk, key_states.to(self.rk.dtype)], 2)  # open tokens: residual + new
+        ov = torch.cat([self.rv, value_states.to(self.rv.dtype)], 2)
+        opos = torch.cat([self.rpos, pos], 1)
+        k_hat, write_k = self.kq.encode(ok, opos, q_old)
+        if self.vq is not None:
+            v_hat, write_v = self.vq.encode(ov, opos, q_old)
+        else:
+            v_hat, write_v = ov, None
+        sk, sv = self.stored()
+        keys, values = torch.cat([sk, ok], 2), torch.cat([sv, ov], 2)
+        keys_hat, values_hat = torch.cat([sk, k_hat], 2), torch.cat([sv, v_hat], 2)
+        k_pos = torch.cat([self.positions, opos], 1)
+        # flush: open tokens now below flushed(n), that future queries can still see
+        self.cumulative_length += S
+        self.n_seen = n_new
+        flush = (opos >= 0) & (opos < q_new[:, None])
+        if spec.ring is not None:
+            flush = flush & ((opos < spec.pinned) | (opos >= spec.keep_from(n_new)[:, None]))
+        slots = int(q_new.max())
+        if spec.capacity is not None:
+            slots = min(slots, spec.capacity)
+        self._grow(slots)
+        bi, ti = flush.nonzero(as_tuple=True)
+        if bi.numel():
+            p = opos[bi, ti]
+            slot = spec.slot(p)
+            write_k(bi, ti, slot)
+            if write_v is not None:
+                write_v(bi, ti, slot)
+            self.positions[bi, slot] = p
+        # the new residual: open tokens at or above flushed(n), at index pos - flushed(n)
+        stay = (opos >= q_new[:, None])
+        self.rk = torch.zeros_like(self.rk)
+        self.rv = torch.zeros_like(self.rv)
+        self.rpos = torch.full_like(self.rpos, -1)
+        bi, ti = stay.nonzero(as_tuple=True)
+        if bi.numel():
+            idx = opos[bi, ti] - q_new[bi]
+            self.rk[bi, :, idx] = ok[bi, :, ti]
+            self.rv[bi, :, idx] = ov[bi, :, ti]
+            self.rpos[bi, idx] = opos[bi, ti]
+        self.step = (keys, values, pos, k_pos, keys_hat, values_hat)
+        return self.step
+
+    def _grow(self, slots: int) -> None:
+        n = self.positions.shape[1]
+        if slots <= n:
+            return
+        self.kq.grow(slots)
+        if self.vq is not None:
+            self.vq.grow(slots)
+        B = self.positions.shape[0]
+        self.positions = torch.cat([self.positions, self.positions.new_full((B, slots - n), -1)], 1)
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        ts = [*self.kq.tensors(), self.positions, self.rk, self.rv, self.rpos]
+        ts += list(self.vq.tensors()) if self.vq is not None else []
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def _batch(self, fn) -> None:
+        if self.is_initialized:
+            self.kq.select(fn)
+            if self.vq is not None:
+                self.vq.select(fn)
+            self.rk, self.rv, self.rpos = fn(self.rk), fn(self.rv), fn(self.rpos)
+            self.positions, self.n_seen = fn(self.positions), fn(self.n_seen)
+        self.step = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.kq = self.vq = self.rk = self.rv = self.rpos = None

@@ -28,6 +28,7 @@ from .cache import RingSpec, ensure_layer, find_caches, token_positions
 from .capture import Captured, bind_call, capture_call
 from .errors import SiteError
 from .policy import Form
+from .quant import QuantRule, fake_quantize
 from .sites import AttentionSite, find_sites_in
 
 __all__ = ["CoreSpec", "LayerPlan", "KVCore", "KVAttention", "lower_site", "record_calls"]
@@ -60,8 +61,8 @@ class LayerPlan:
     ``head_map[h]``: which stored head query head ``h`` reads (None: the site's map);
     ``window``/``sinks``: each query sees its last ``window`` tokens and the first ``sinks``;
     ``pattern``: a block-sparse pattern; ``latent``: the rank of an MHC latent cached instead
-    of keys and values (the weights live in ``KVCore.latent``).  With a window, pattern or
-    latent the layer is *positional*: visibility comes from token positions (the graph's mask
+    of keys and values (the weights live in ``KVCore.latent``); ``quant``: the stored values
+    are quantized (:class:`~kvpass.quant.QuantRule`).  With any of these the layer is *positional*: visibility comes from token positions (the graph's mask
     only says which tokens are padding) and the cache is a :class:`~kvpass.cache.KVRingLayer`
     storing one position per slot.
     """
@@ -72,20 +73,31 @@ class LayerPlan:
     sinks: int = 0
     pattern: SparsePattern | None = None
     latent: int | None = None
+    quant: QuantRule | None = None
 
     @property
     def positional(self) -> bool:
-        return self.window is not None or self.pattern is not None or self.latent is not None
+        return (self.window is not None or self.pattern is not None or self.latent is not None
+                or self.quant is not None)
 
     def ring(self) -> RingSpec | None:
         """The cache layout (None: the plain full cache)."""
         if self.window is not None:
-            return RingSpec(pinned=self.sinks, ring=self.window)
-        if self.pattern is not None:
-            return self.pattern.ring()
-        if self.latent is not None:
+            spec = RingSpec(pinned=self.sinks, ring=self.window)
+        elif self.pattern is not None:
+            spec = self.pattern.ring()
+        elif self.positional:
             return RingSpec()  # keep every token, with its position
-        return None
+        else:
+            return None
+        if self.quant is None or spec.ring is None:
+            return spec
+        # quantized slots hold whole units: align both parts, and keep one unit more, since the
+        # tokens still visible start anywhere inside a unit
+        u = self.quant.unit
+        up = -(-spec.pinned // u) * u
+        ring = -(-spec.ring // u) * u + (u if u > 1 else 0)
+        return RingSpec(pinned=up, ring=ring, block=spec.block)
 
 
 class KVCore(nn.Module):
@@ -126,6 +138,9 @@ class KVCore(nn.Module):
         if self.producer is not None:
             return 0
         size = torch.empty((), dtype=dtype).element_size()
+        if self.plan.quant is not None:
+            per = self.plan.quant.slot_bytes(self.stored_parts(), size)
+            return int(per) if per == int(per) else per
         if self.latent is not None:
             per = self.latent.rank * size
         else:
@@ -138,8 +153,24 @@ class KVCore(nn.Module):
         if self.producer is not None:
             return 0
         ring = self.ring()
+        rule = self.plan.quant
+        if rule is not None:
+            slots = rule.flushed(tokens)
+            slots = slots if ring.capacity is None else min(slots, ring.capacity)
+            size = torch.empty((), dtype=dtype).element_size()
+            parts = self.stored_parts()
+            fixed = rule.buffer_bytes(parts, size) if tokens else 0
+            return batch * (round(slots * rule.slot_bytes(parts, size)) + fixed)
         slots = tokens if ring is None or ring.capacity is None else min(tokens, ring.capacity)
         return batch * slots * self.bytes_per_token(dtype)
+
+    def stored_parts(self) -> list[tuple[int, int]]:
+        """(heads, values per head) of what one token stores: keys, then values (the latent:
+        one head of width rank, no values)."""
+        if self.latent is not None:
+            return [(1, self.latent.rank), (1, 0)]
+        h = self.stored_heads()
+        return [(h, self.spec.head_dim), (h, self.spec.head_dim)]
 
     def forward(self, q, k=None, v=None, mask=None):
         for tap in self.taps:
@@ -175,9 +206,12 @@ class KVCore(nn.Module):
         return k.index_select(1, idx), v.index_select(1, idx)
 
     def _forward_positional(self, q, k, v, mask):
-        """Window / block-sparse / latent layers: tokens carry positions; the graph mask gives
-        padding.  With a latent (MHC), ``k`` is the K/V projections' input and ``v`` is None."""
-        lat = self.latent
+        """Window / block-sparse / latent / quantized layers: tokens carry positions; the graph
+        mask gives padding.  With a latent (MHC), ``k`` is the K/V projections' input and ``v``
+        is None.  A step is (keys, values, q_pos, k_pos[, keys_hat, values_hat]): with
+        quantization each key/value comes in full precision and as quantized, and
+        ``plan.quant`` says which one each query sees."""
+        lat, rule = self.latent, self.plan.quant
         B, Sq = lat.batch_seq(q, k) if lat is not None else (q.shape[0], q.shape[2])
         producer = self.producer
         if producer is None:
@@ -188,34 +222,44 @@ class KVCore(nn.Module):
             else:
                 k, v = self._select(k, v)
             if self._cache is not None:
-                layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring())
-                k, v, q_pos, k_pos = layer.update(k, v, valid)
+                layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring(), quant=rule)
+                step = tuple(layer.update(k, v, valid))
                 limit = layer.get_seq_length()
             else:
-                q_pos = k_pos = token_positions(valid)
+                pos = token_positions(valid)
+                step = (k, v, pos, pos)
+                if rule is not None:
+                    step += (fake_quantize(k, pos, rule.bits, rule.group if rule.keys == "token" else rule.unit,
+                                           rule.keys)[0],
+                             fake_quantize(v, pos, rule.bits, rule.group if rule.values == "token" else rule.unit,
+                                           rule.values)[0] if v.shape[-1] else v)
                 limit = Sq
-            self._last = (k, v, q_pos, k_pos, limit)
+            self._last = (step, limit)
         elif self._cache is not None:
             layer = ensure_layer(self._cache, self.layer_idx, source=producer.layer_idx).source
-            k, v, q_pos, k_pos = layer.step
-            limit = layer.get_seq_length()
+            step, limit = tuple(layer.step), layer.get_seq_length()
         else:
-            k, v, q_pos, k_pos, limit = producer._last
+            step, limit = producer._last
+        k, v, q_pos, k_pos = step[:4]
+        hats = step[4:] if len(step) > 4 else None
         head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
         if lat is None:
-            return self._attend(q, k, v, q_pos, k_pos, limit, head_map)
+            return self._attend(q, k, v, q_pos, k_pos, limit, head_map, hats)
         if lat.absorbed:  # attention in latent space: one shared "KV head" of width r
             ql = lat.absorbed_query(q, head_map)
-            o = self._attend(ql, k, k, q_pos, k_pos, limit, (0,) * len(head_map))
+            hats = None if hats is None else (hats[0], hats[0])
+            o = self._attend(ql, k, k, q_pos, k_pos, limit, (0,) * len(head_map), hats)
             return lat.absorbed_output(o, head_map, q_pos)
         q = lat.query(q, q_pos)
-        if lat.fit is not None and not (torch.is_grad_enabled() and q.requires_grad) \
+        if lat.fit is not None and hats is None and not (torch.is_grad_enabled() and q.requires_grad) \
                 and codegen.kernel_mode(q.device) != "reference":
             out = self._attend_fused(q, k, q_pos, k_pos, limit, head_map)
             if out is not None:
                 return out
+        if hats is not None:
+            hats = lat.keys_values(hats[0], k_pos)
         k, v = lat.keys_values(k, k_pos)
-        return self._attend(q, k, v, q_pos, k_pos, limit, head_map)
+        return self._attend(q, k, v, q_pos, k_pos, limit, head_map, hats)
 
     def _block_table(self, limit: int, device):
         """(block table for keys up to ``limit``, block size) of a sparse plan, else (None, None)."""
@@ -238,10 +282,14 @@ class KVCore(nn.Module):
         return codegen.latent_attention(q, c.to(q.dtype), lat.fused_weights(fit, q.dtype), spec,
                                         q_pos=q_pos, k_pos=k_pos, block_mask=table)
 
-    def _attend(self, q, k, v, q_pos, k_pos, limit, head_map):
+    def _attend(self, q, k, v, q_pos, k_pos, limit, head_map, hats=None):
         s, plan = self.spec, self.plan
         table, block = self._block_table(limit, q.device)
         args = dict(window=plan.window, sinks=plan.sinks, block=block)
+        if hats is not None:  # quantized storage: the reference picks full / quantized per pair
+            return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
+                                       softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table,
+                                       k_hat=hats[0], v_hat=hats[1], quant=plan.quant, **args)
         spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,
                             has_block_mask=table is not None, head_dim=q.shape[-1],
                             head_dim_v=v.shape[-1], **args)
@@ -257,6 +305,7 @@ class KVCore(nn.Module):
         vis = f", window={p.window}, sinks={p.sinks}" if p.window is not None else ""
         vis += f", pattern={p.pattern}" if p.pattern is not None else ""
         vis += f", latent={p.latent}" if p.latent is not None else ""
+        vis += f", quant={p.quant}" if p.quant is not None else ""
         return (f"layer={self.layer_idx}, heads={s.num_heads}, kv_heads={self.stored_heads()}/"
                 f"{s.num_kv_heads}, head_dim={s.head_dim}, forms={[f.kind for f in self.forms]}{vis}{src}")
 

@@ -1,7 +1,7 @@
 """Policies: which KV-saving form each attention layer gets.
 
 A *form* is a frozen, validated dataclass (``Full``, ``SharedKV``, ``MHC``, ``Window``,
-``Sparse``); a list of forms composes them (``[SharedKV(kv_heads=1), Window(512, sinks=4)]``).
+``Sparse``, ``Quantize``); a list of forms composes them (``[SharedKV(kv_heads=1), Window(512, sinks=4)]``).
 A :class:`Policy` maps layers to forms: a default plus overrides selected by layer index,
 range string (``"0-3"``, ``"8-"``) or module-name glob (``"*.layers.1?.self_attn"``).
 
@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from .errors import PolicyError
 
-__all__ = ["Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "Policy", "FORMS", "POLICY_VERSION"]
+__all__ = ["Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "Quantize", "Policy", "FORMS", "POLICY_VERSION"]
 
 POLICY_VERSION = 1
 FORMS: dict[str, type[Form]] = {}
@@ -183,6 +183,33 @@ class Sparse(Form):
         _pos_int("Sparse", "seed", self.seed, minimum=0)
 
 
+@dataclass(frozen=True)
+class Quantize(Form):
+    """Quantized KV storage: ``bits`` per stored value, one scale and zero per ``group``.
+
+    ``keys``/``values``: ``"per_channel"`` (a group is one channel over ``group`` consecutive
+    tokens; keys' outliers live in channels, KIVI) or ``"per_token"`` (a group is ``group``
+    consecutive values of one token's head).  ``residual``: at least this many newest tokens
+    stay in full precision; tokens are quantized a unit at a time (``group`` tokens when either
+    part is per-channel, else one).  Composes with every form: it changes how the cache stores
+    what the other forms keep.  See :mod:`kvpass.passes.quantize`.
+    """
+
+    kind: ClassVar[str] = "quantize"
+    bits: int = 8
+    group: int = 64
+    keys: str = "per_channel"
+    values: str = "per_token"
+    residual: int = 0
+
+    def __post_init__(self):
+        _choice("Quantize", "bits", self.bits, (8, 4, 2))
+        _pos_int("Quantize", "group", self.group)
+        _choice("Quantize", "keys", self.keys, ("per_channel", "per_token"))
+        _choice("Quantize", "values", self.values, ("per_channel", "per_token"))
+        _pos_int("Quantize", "residual", self.residual, minimum=0)
+
+
 def _as_forms(value, where: str) -> tuple[Form, ...]:
     items = value if isinstance(value, (list, tuple)) else [value]
     out = []
@@ -197,6 +224,8 @@ def _as_forms(value, where: str) -> tuple[Form, ...]:
     kinds = [f.kind for f in out]
     if "full" in kinds and len(out) > 1:
         raise PolicyError(f"{where}: Full() cannot be composed with other forms: {kinds}")
+    if len(set(kinds)) < len(kinds):
+        raise PolicyError(f"{where}: a form kind appears twice: {kinds}")
     return tuple(out)
 
 

@@ -90,18 +90,30 @@ def attention(
     block_mask: Tensor | None = None,
     block: int | None = None,
     mask: Tensor | None = None,
+    k_hat: Tensor | None = None,
+    v_hat: Tensor | None = None,
+    quant=None,
 ) -> Tensor:
     """Attention of ``q`` over ``k``/``v`` under a form's visibility rules. -> [B, H, Sq, Dv]
 
     ``kv_head_map[h]`` is the KV head query head ``h`` reads (default: contiguous groups).
     ``mask`` is a graph's own mask, broadcastable to [B, H, Sq, Sk]: bool (True = keep) or
     additive float.  Computation is in fp32; the result has ``q``'s dtype.
+
+    Quantized storage: ``k_hat``/``v_hat`` are the keys/values as stored quantized and
+    ``quant`` (a :class:`kvpass.quant.QuantRule`) says which pairs see them: query ``i`` reads
+    key ``j`` quantized iff ``k_pos[j] < quant.flushed(q_pos[i] + 1)``, else in full precision.
     """
     D = q.shape[-1]
     k, v, q_pos, k_pos = _expand(q, k, v, kv_head_map, q_pos, k_pos)  # [B, H, Sk, D]
     k, v = k.float(), v.float()
     scale = D**-0.5 if scale is None else scale
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
+    sel = None
+    if k_hat is not None:
+        k_hat, v_hat, *_ = _expand(q, k_hat, v_hat, kv_head_map, q_pos, k_pos)
+        sel = quant.hat_mask(q_pos, k_pos)  # [B, 1, Sq, Sk]
+        scores = torch.where(sel, torch.matmul(q.float(), k_hat.float().transpose(-1, -2)) * scale, scores)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     vis = visibility(q_pos, k_pos, causal=causal, window=window, sinks=sinks,
@@ -115,6 +127,8 @@ def attention(
     scores = scores.masked_fill(~vis, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key -> zeros
+    if sel is not None:
+        return (torch.matmul(probs * sel, v_hat.float()) + torch.matmul(probs * ~sel, v)).to(q.dtype)
     return torch.matmul(probs, v).to(q.dtype)
 
 

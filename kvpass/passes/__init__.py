@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import mhc, shared_kv, sparse, window
+from . import mhc, quantize, shared_kv, sparse, window
 
 __all__ = ["PASSES", "PassContext", "needs_calibration"]
 
-PASSES = {"shared_kv": shared_kv.apply, "window": window.apply, "sparse": sparse.apply, "mhc": mhc.apply}
+PASSES = {"shared_kv": shared_kv.apply, "window": window.apply, "sparse": sparse.apply, "mhc": mhc.apply,
+          "quantize": quantize.apply}
 
 
 @dataclass
