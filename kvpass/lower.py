@@ -221,6 +221,7 @@ class KVCore(nn.Module):
                 v = k.new_zeros(B, 1, Sq, 0)
             else:
                 k, v = self._select(k, v)
+            layer = None
             if self._cache is not None:
                 layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring(), quant=rule)
                 step = tuple(layer.update(k, v, valid))
@@ -240,9 +241,15 @@ class KVCore(nn.Module):
             step, limit = tuple(layer.step), layer.get_seq_length()
         else:
             step, limit = producer._last
+            layer = None
         k, v, q_pos, k_pos = step[:4]
         hats = step[4:] if len(step) > 4 else None
         head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
+        if rule is not None and layer is not None and q.shape[2] == 1 and not torch.is_grad_enabled() \
+                and codegen.kernel_mode(q.device) != "reference":
+            out = self._attend_quant(q, layer, q_pos, limit, head_map)
+            if out is not None:
+                return out
         if lat is None:
             return self._attend(q, k, v, q_pos, k_pos, limit, head_map, hats)
         if lat.absorbed:  # attention in latent space: one shared "KV head" of width r
@@ -267,6 +274,46 @@ class KVCore(nn.Module):
         if pattern is None:
             return None, None
         return pattern.table(-(-limit // pattern.block)).table.to(device), pattern.block
+
+    def _attend_quant(self, q, layer, q_pos, limit, head_map):
+        """Decode over the packed cache: generated kernels dequantize in registers (the store is
+        all quantized and the residual all full precision for the newest query).  None where no
+        kernel applies (the reference then runs)."""
+        s, plan, lat, rule = self.spec, self.plan, self.latent, self.plan.quant
+        table, block = self._block_table(limit, q.device)
+        dtype = str(q.dtype).replace("torch.", "")
+        quant = {"bits": rule.bits, "group": rule.group, "keys": rule.keys, "values": rule.values,
+                 "unit": rule.unit}
+        kq, vq = layer.kq, layer.vq
+        residual = (layer.rk, layer.rv, layer.rpos)
+        vis = dict(window=plan.window, sinks=plan.sinks, block=block, has_block_mask=table is not None)
+        if lat is None:
+            spec = _kernel_spec(s, head_map, kq.codes.shape[1], dtype, False, head_dim=q.shape[-1],
+                                head_dim_v=q.shape[-1], quant=tuple(quant.items()), **vis)
+            if spec is None:
+                return None
+            return codegen.quant_attention(q, (*kq.tensors(), *vq.tensors()), residual, spec, q_pos,
+                                           layer.positions, table)
+        if lat.absorbed:
+            ql = lat.absorbed_query(q, head_map)
+            quant["values"] = rule.keys  # the latent is both keys and values
+            spec = _kernel_spec(s, (0,) * len(head_map), 1, dtype, False, head_dim=ql.shape[-1],
+                                head_dim_v=ql.shape[-1], quant=tuple(quant.items()), **vis)
+            if spec is None:
+                return None
+            o = codegen.quant_attention(ql, (*kq.tensors(), *kq.tensors()), (layer.rk, layer.rk, layer.rpos),
+                                        spec, q_pos, layer.positions, table)
+            return lat.absorbed_output(o, head_map, q_pos)
+        fit = lat.fit
+        if fit is None:
+            return None
+        ql = lat.query(q, q_pos)
+        spec = _kernel_spec(s, head_map, lat.kv_heads, dtype, False, head_dim=lat.head_dim, head_dim_v=lat.head_dim,
+                            latent=(lat.rank, fit.rope, fit.norm_eps), quant=tuple(quant.items()), **vis)
+        if spec is None or not codegen.ops.latent_fits(spec):
+            return None
+        return codegen.quant_attention(ql, (*kq.tensors(), *kq.tensors()), (layer.rk, layer.rk, layer.rpos),
+                                       spec, q_pos, layer.positions, table, latent=lat.fused_weights(fit, q.dtype))
 
     def _attend_fused(self, q, c, q_pos, k_pos, limit, head_map):
         """Generated latent kernels: keys/values rebuilt from the latent ``c`` in registers."""
@@ -314,10 +361,13 @@ class KVCore(nn.Module):
 def _kernel_spec(s: CoreSpec, head_map: tuple[int, ...], kv_heads: int, dtype: str, has_mask: bool,
                  window: int | None = None, sinks: int = 0, block: int | None = None,
                  has_block_mask: bool = False, head_dim: int | None = None, head_dim_v: int | None = None,
-                 latent: tuple | None = None):
+                 latent: tuple | None = None, quant: tuple | None = None):
     """The kernel spec of a layer's attention (None where no generated kernel applies).
-    ``latent``: (rank, rope, norm_eps) of a fused latent decompress."""
+    ``latent``: (rank, rope, norm_eps) of a fused latent decompress; ``quant``: the items of
+    ``extra["quant"]`` (packed storage)."""
     extra = {} if latent is None else {"latent": dict(zip(("rank", "rope", "norm_eps"), latent))}
+    if quant is not None:
+        extra["quant"] = dict(quant)
     try:
         return codegen.KernelSpec(num_heads=s.num_heads, num_kv_heads=kv_heads, head_dim=head_dim or s.head_dim,
                                   head_dim_v=head_dim_v,

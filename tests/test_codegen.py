@@ -281,6 +281,76 @@ def test_latent_op_dispatch_and_errors(monkeypatch):
         extra={"latent": {"rank": 12, "rope": False, "norm_eps": None}}), "decode")
 
 
+# --------------------------------------------------------------------------------------
+# quantized storage: decode kernels dequantize in registers == quant.dequantize + reference
+# --------------------------------------------------------------------------------------
+@FAST
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_quant_decode_matches_reference(data, seed):
+    """Packed int8/int4/int2 codes with per-token or per-channel scales (and the latent of an
+    MHC layer), read and dequantized inside the split-K decode kernel, then the full-precision
+    residual, equal ``kvpass.quant.dequantize`` + the reference -- with head maps, windows,
+    sinks, block tables, ring-buffer positions and empty slots."""
+    from kvpass.codegen import quant_decode
+    from kvpass.quant import dequantize, quantize
+
+    gen = torch.Generator().manual_seed(seed)
+    bits = data.draw(st.sampled_from([8, 4, 2]))
+    kax, vax = data.draw(st.sampled_from(["token", "channel"])), data.draw(st.sampled_from(["token", "channel"]))
+    unit = data.draw(st.sampled_from([1, 4, 16])) if "channel" in (kax, vax) else 1
+    bn = data.draw(st.sampled_from([16, 32]))
+    base = data.draw(specs(64, bn, dims=(16, 32, 64, 80, 128)))
+    latent = data.draw(st.booleans())
+    d = base.head_dim
+    r = data.draw(st.sampled_from([16, 48])) if latent else None
+    width = r or d
+    group = data.draw(st.sampled_from([g for g in (8, 16, 32, width) if width % g == 0]))
+    if "channel" in (kax, vax):
+        unit = group
+    lat = {"latent": {"rank": r, "rope": True, "norm_eps": None}} if latent else {}
+    spec = base.replace(has_mask=False, head_dim_v=d, extra={
+        **lat, "quant": {"bits": bits, "group": group, "keys": kax, "values": vax, "unit": unit}})
+    B = data.draw(st.integers(1, 2))
+    sk = unit * data.draw(st.integers(0, 5)) + (0 if unit > 1 else data.draw(st.integers(0, 7)))
+    sr = data.draw(st.integers(0 if sk else 1, 6))
+    dt = DTYPES[spec.dtype]
+    hkv = 1 if latent else spec.num_kv_heads
+    kf = torch.randn(B, hkv, sk, width, generator=gen).to(dt)
+    vf = torch.randn(B, hkv, sk, 0 if latent else d, generator=gen).to(dt)
+    kq = quantize(kf, bits, group if kax == "token" else unit, kax)
+    vq = quantize(vf, bits, group if vax == "token" else unit, vax) if not latent else kq
+    rk = torch.randn(B, hkv, sr, width, generator=gen).to(dt)
+    rv = torch.randn(B, hkv, sr, 0 if latent else d, generator=gen).to(dt) if not latent else rk
+    q = torch.randn(B, spec.num_heads, 1, d, generator=gen).to(dt)
+    q_pos, k_all = scrambled_positions(B, 1, sk + sr, gen)
+    k_pos, rpos = k_all[:, :sk], k_all[:, sk:]
+    _, block_mask = extras(data.draw, spec, B, 1, sk + sr + 60, gen)
+    keys = torch.cat([dequantize(kq, dt), rk], 2)
+    w = None
+    if latent:
+        w = reference.LatentWeights(*(t.to(DEVICE) for t in latent_weights(spec.num_kv_heads, r, d, "half", False, gen)))
+        kk, vv = reference.latent_keys_values(keys, k_all, w, None)
+    else:
+        kk, vv = keys, torch.cat([dequantize(vq, dt), rv], 2)
+    want = ref(q, kk, vv, spec, q_pos, k_all, None, block_mask)
+    out = quant_decode(q, kq.codes, kq.scale, kq.zero, vq.codes, vq.scale, vq.zero, rk, rv, rpos, spec,
+                       q_pos, k_pos, block_mask, latent=w, num_splits=data.draw(st.integers(1, 4)), block_n=bn)
+    tol = TOL[spec.dtype] * (1 if spec.dtype == "float32" else 2)
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_quant_spec_errors():
+    spec = KernelSpec(num_heads=2, num_kv_heads=1, head_dim=16, causal=True,
+                      extra={"quant": {"bits": 4, "group": 16, "keys": "channel", "values": "token", "unit": 16}})
+    with pytest.raises(CodegenError, match="decode kernels only"):
+        source(spec, "prefill")
+    assert "QMASK" in source(spec, "decode") and ">> " in source(spec, "decode")
+    assert ">> " not in source(spec.replace(extra={"quant": dict(spec.quant, bits=8)}), "decode")
+    with pytest.raises(CodegenError, match="quant bits"):
+        spec.replace(extra={"quant": dict(spec.quant, bits=3)})
+
+
 # Forms at shapes whose tile edges meet the rules' edges: 32-row query blocks and 16-key
 # tiles over 65 positions give q_hi - k_lo = 15, q_lo - k_hi = 17, and a last query block
 # whose causal edge (q_hi = 64; decode: 96) is the first key of a tile.

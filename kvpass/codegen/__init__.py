@@ -33,6 +33,8 @@ from kvpass.codegen.ops import (
     kernel_mode,
     latent_attention,
     prefill,
+    quant_attention,
+    quant_decode,
     run,
 )
 from kvpass.codegen.spec import CodegenError, KernelSpec
@@ -40,5 +42,6 @@ from kvpass.codegen.spec import CodegenError, KernelSpec
 __all__ = [
     "KernelSpec", "CodegenError", "source", "load", "kernel_path", "cache_dir",
     "interpreting", "use_interpreter",
-    "attention", "latent_attention", "prefill", "decode", "run", "choose_kind", "kernel_mode",
+    "attention", "latent_attention", "quant_attention", "quant_decode", "prefill", "decode", "run",
+    "choose_kind", "kernel_mode",
 ]

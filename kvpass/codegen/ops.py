@@ -35,7 +35,8 @@ from kvpass.codegen.generate import interpreting, load, use_interpreter
 from kvpass.codegen.spec import CodegenError, KernelSpec
 from kvpass.reference import LatentWeights
 
-__all__ = ["attention", "latent_attention", "latent_fits", "prefill", "decode", "run", "kernel_mode", "choose_kind"]
+__all__ = ["attention", "latent_attention", "latent_fits", "quant_attention", "quant_decode", "prefill", "decode", "run",
+           "kernel_mode", "choose_kind"]
 
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("reference", "triton", "interpret")
@@ -447,3 +448,123 @@ def latent_attention(q: Tensor, c: Tensor, w: LatentWeights, spec: KernelSpec,
         True
     """
     return torch.ops.kvpass.latent_attention(q, c, *w, q_pos, k_pos, block_mask, spec.to_json())
+
+
+# --------------------------------------------------------------------------------------
+# quantized storage (decode)
+# --------------------------------------------------------------------------------------
+def _quant_reference(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, q_pos, k_pos, block_mask, latent, spec):
+    """The meaning: the store dequantized (``kvpass.quant.dequantize``), then the residual, in
+    full precision; plain attention over both (decode: the query sees the store quantized)."""
+    from kvpass.quant import QTensor, dequantize
+
+    qz = spec.quant
+    dt = _TORCH_DTYPE[spec.dtype]
+
+    def deq(codes, scale, zero, axis):
+        g = qz["group"] if axis == "token" else qz["unit"]
+        return dequantize(QTensor(codes, scale, zero, qz["bits"], g, axis), dt)
+
+    k = torch.cat([deq(kc, ks, kz, qz["keys"]), rk.to(dt)], 2)
+    kp = torch.cat([k_pos, rpos], 1)
+    base = spec.replace(extra={})
+    if spec.latent is not None:
+        w = LatentWeights(*latent)
+        kk, vv = reference.latent_keys_values(k, kp, w, spec.latent["norm_eps"])
+        return _reference(q, kk, vv, base, q_pos, kp, None, block_mask)
+    v = torch.cat([deq(vc, vs, vz, qz["values"]), rv.to(dt)], 2)
+    return _reference(q, k, v, base, q_pos, kp, None, block_mask)
+
+
+def quant_decode(q: Tensor, kc: Tensor, ks: Tensor, kz: Tensor, vc: Tensor, vs: Tensor, vz: Tensor,
+                 rk: Tensor, rv: Tensor, rpos: Tensor, spec: KernelSpec, q_pos: Tensor, k_pos: Tensor,
+                 block_mask: Tensor | None = None, *, latent: LatentWeights | None = None,
+                 interpret: bool | None = None, num_splits: int | None = None,
+                 block_n: int | None = None) -> Tensor:
+    """Split-K decode over a quantized cache (``spec.quant``): packed codes ``kc``/``vc`` with
+    scales and zeros, dequantized in registers, then the full-precision residual ``rk``/``rv``
+    (positions ``rpos``) in the last split.  -> [B, H, Sq, Dv]"""
+    interpret = _mode(q, interpret)
+    qz = spec.quant
+    if qz is None:
+        raise CodegenError("quant_decode needs a spec with extra['quant']")
+    B, H, Sq, _ = q.shape
+    width = spec.latent["rank"] if spec.latent is not None else spec.head_dim
+    hkv = 1 if spec.latent is not None else spec.num_kv_heads
+    if kc.dtype != torch.uint8 or tuple(kc.shape[:2]) != (B, hkv) or kc.shape[3] * 8 != width * qz["bits"]:
+        raise CodegenError(f"key codes {tuple(kc.shape)} {kc.dtype} do not fit the spec "
+                           f"(uint8 [B={B}, {hkv}, Sk, {width * qz['bits'] // 8}])")
+    if (block_mask is not None) != spec.has_block_mask:
+        raise CodegenError(f"spec.has_block_mask={spec.has_block_mask} but block_mask is "
+                           f"{'not ' * (block_mask is None)}given")
+    c = _Call(q=q, k=kc, v=vc, q_pos=_int_positions(q_pos, B, Sq), k_pos=_int_positions(k_pos, B, kc.shape[2]),
+              mask=None, btab=None if block_mask is None else block_mask.to(torch.int8).contiguous())
+    rpos32 = _int_positions(rpos, B, rk.shape[2])
+    lat = _latent_tensors(spec, latent)
+    Sk, SR = kc.shape[2], rk.shape[2]
+    out = q.new_empty(B, H, Sq, spec.head_dim_v)
+    if out.numel() == 0 or Sk + SR == 0:
+        return out.zero_()
+    bm, bn = _decode_config(spec, Sq, interpret)
+    bn = block_n or bn
+    nsplit, tps = _num_splits(c, max(1, _cdiv(Sk, bn)), interpret, num_splits, hkv)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    mp = torch.empty(B, H, Sq, nsplit, **f32)
+    lp = torch.empty(B, H, Sq, nsplit, **f32)
+    accp = torch.empty(B, H, Sq, nsplit, _pow2(spec.head_dim_v), **f32)
+    _, groups = _head_tables(spec, q.device)
+    tensors, strides = _pos_args(c)
+    ks, kz, vs, vz = (t.contiguous() for t in (ks, kz, vs, vz))
+    rk, rv = rk.to(q.dtype), rv.to(q.dtype)
+    quant_args = [ks, kz, vs, vz, rk, rv, rpos32, *ks.stride(), *vs.stride(), *rk.stride(), *rv.stride(),
+                  *rpos32.stride(), SR]
+    mod = load(spec, "decode")
+    mod.attn_decode_split[(nsplit, spec.num_kv_heads, B)](
+        q, kc, vc, *tensors, groups, mp, lp, accp, *lat, *quant_args, *strides, Sq, Sk, *_table_sizes(c),
+        tps, nsplit, POS_CONTIG=False, UPCAST=interpret and spec.dtype == "bfloat16",
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2,
+    )
+    mod.attn_decode_reduce[(B * H * Sq,)](
+        mp, lp, accp, out, *out.stride(), Sq, nsplit, BLOCK_S=max(2, _pow2(nsplit)), num_warps=4,
+    )
+    return out
+
+
+_QUANT_SCHEMA = ("(Tensor q, Tensor kc, Tensor ks, Tensor kz, Tensor vc, Tensor vs, Tensor vz, Tensor rk, "
+                 "Tensor rv, Tensor rpos, Tensor q_pos, Tensor k_pos, Tensor? block_mask, Tensor[] latent, "
+                 "str spec_json) -> Tensor")
+
+
+@torch.library.custom_op("kvpass::quant_attention", mutates_args=(), schema=_QUANT_SCHEMA)
+def _quant_op(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, q_pos, k_pos, block_mask, latent, spec_json):
+    spec = _spec(spec_json)
+    mode = kernel_mode(q.device)
+    if mode == "reference":
+        return _quant_reference(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, q_pos, k_pos, block_mask, latent, spec)
+    if mode == "triton" and q.device.type != "cuda":
+        raise CodegenError("KVPASS_KERNELS=triton needs CUDA tensors (use 'interpret' on CPU)")
+    return quant_decode(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, spec, q_pos, k_pos, block_mask,
+                        latent=LatentWeights(*latent) if latent else None, interpret=mode == "interpret")
+
+
+@_quant_op.register_fake
+def _quant_fake(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, q_pos, k_pos, block_mask, latent, spec_json):
+    spec = _spec(spec_json)
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], spec.head_dim_v)
+
+
+def quant_attention(q: Tensor, store: tuple[Tensor, ...], residual: tuple[Tensor, Tensor, Tensor],
+                    spec: KernelSpec, q_pos: Tensor, k_pos: Tensor, block_mask: Tensor | None = None,
+                    latent: LatentWeights | None = None) -> Tensor:
+    """Decode attention over a quantized cache as one ``kvpass::quant_attention`` op.
+
+    ``store``: (key codes, key scales, key zeros, value codes, value scales, value zeros) as
+    :class:`kvpass.cache.KVQuantLayer` holds them, ``k_pos`` their positions; ``residual``:
+    (keys, values, positions) kept in full precision.  Every stored token is read quantized and
+    every residual token in full precision -- the rule's meaning for the newest query
+    (:class:`kvpass.quant.QuantRule`).  With a latent spec the "keys" are the latent and
+    ``latent`` its weights (value tensors are then unused placeholders).
+    """
+    lat = list(latent) if latent is not None else []
+    return torch.ops.kvpass.quant_attention(q, *store, *residual, q_pos, k_pos, block_mask, lat,
+                                            spec.to_json())

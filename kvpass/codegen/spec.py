@@ -15,7 +15,12 @@ change meaning:
   caches (implemented): the "K" argument is the latent ``c`` [B, 1, Sk, r]; keys and values
   are rebuilt per tile in registers (``c·B`` + bias, optional per-head RMS norm, RoPE of any
   pairing) as :func:`kvpass.reference.latent_keys_values` defines; never written to memory.
-- ``extra={"kv_quant": "int8"}`` -- quantised K/V storage with per-token scales (future).
+- ``extra={"quant": {"bits": b, "group": g, "keys": axis, "values": axis, "unit": u}}`` --
+  quantized K/V storage (implemented for decode): "K"/"V" are packed uint8 codes
+  [B, Hkv, Sk, D·b/8] with scale/zero tensors ([B, Hkv, Sk, D/g] for ``axis="token"``,
+  [B, Hkv, Sk/u, D] for ``"channel"``), dequantized in registers as
+  :func:`kvpass.quant.dequantize` defines, plus a full-precision residual buffer read after
+  them (:class:`kvpass.cache.KVQuantLayer`).  With a latent, the latent is what is quantized.
 
 The generator refuses (``CodegenError``) any ``extra`` key it does not implement, so a spec
 can never silently run a kernel that ignores part of its meaning.
@@ -43,7 +48,7 @@ from kvpass.errors import KVPassError
 __all__ = ["KernelSpec", "CodegenError", "DTYPES"]
 
 DTYPES = ("float32", "float16", "bfloat16")
-KNOWN_EXTRA: frozenset[str] = frozenset({"latent"})  # keys of `extra` the generator implements
+KNOWN_EXTRA: frozenset[str] = frozenset({"latent", "quant"})  # keys of `extra` the generator implements
 
 
 class CodegenError(KVPassError, ValueError):
@@ -159,6 +164,14 @@ class KernelSpec:
             need(isinstance(lat["rank"], int) and 1 <= lat["rank"] <= 1024,
                  f"latent rank {lat['rank']!r} not in 1..1024")
             need(lat["norm_eps"] is None or lat["norm_eps"] >= 0, "latent norm_eps must be >= 0")
+        qz = self.extra.get("quant")
+        if qz is not None:
+            need(isinstance(qz, dict) and set(qz) == {"bits", "group", "keys", "values", "unit"},
+                 f"extra['quant'] must be {{bits, group, keys, values, unit}}, got {qz!r}")
+            need(qz["bits"] in (8, 4, 2), f"quant bits {qz['bits']!r} not in 8, 4, 2")
+            need(qz["keys"] in ("token", "channel") and qz["values"] in ("token", "channel"),
+                 "quant keys/values axes must be 'token' or 'channel'")
+            need(qz["group"] >= 1 and qz["unit"] >= 1, "quant group and unit must be >= 1")
 
     # -- derived facts the generator specialises on -------------------------------------
     @property
@@ -173,6 +186,11 @@ class KernelSpec:
     def latent(self) -> dict | None:
         """``extra["latent"]`` (rank, rope, norm_eps) or None."""
         return self.extra.get("latent")
+
+    @property
+    def quant(self) -> dict | None:
+        """``extra["quant"]`` (bits, group, keys, values, unit) or None."""
+        return self.extra.get("quant")
 
     @property
     def max_group(self) -> int:
