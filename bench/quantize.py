@@ -8,6 +8,7 @@ cache tensors really hold), reported for the bf16 cache a deployment keeps (scal
 in bf16 too) and for the fp32 cache this CPU run holds.  MHC is calibrated on *Persuasion*.
 
     python bench/quantize.py --json bench/results/quantize_smollm2.json --plot bench/results/quantize_smollm2.png
+    python bench/quantize.py --table bench/results/quantize_smollm2.json   # the README's markdown table
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="substrings of row labels to run")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--table", type=Path, default=None, help="print a markdown table of an earlier JSON and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     torch.manual_seed(0)
     model, tok = models.load(args.model)
     chunks = token_chunks(tok, load_text("eval"), args.len, args.chunks)
@@ -109,6 +114,16 @@ def main() -> None:
             row(label, kvpass.retarget(small, policy), policy, t0)
     if args.plot:
         _plot(out, args.plot)
+
+
+def table(out: dict) -> str:
+    """Markdown rows of a result JSON (what the README shows)."""
+    lines = [f"| policy | ppl ({out['len']}-token chunks) | change | cache bf16 | cache fp32 |",
+             "|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['label']} | {r['ppl']:.3f} | {r.get('ppl_change', 0.0) * 100:+.2f}% | "
+                     f"{r.get('cache_ratio_bf16', 1.0):.3f}× | {r.get('cache_ratio_fp32', 1.0):.3f}× |")
+    return "\n".join(lines)
 
 
 def _fmt(r: dict) -> str:

@@ -2,9 +2,10 @@
 
     >>> import kvpass
     >>> sorted(kvpass.FORMS)
-    ['full', 'mhc', 'shared_kv', 'sparse', 'window']
+    ['full', 'mhc', 'quantize', 'shared_kv', 'sparse', 'window']
 """
 
+from . import evaluate  # a callable module: kvpass.evaluate(model, policies, tokenizer)
 from .api import Report, kv_bytes_per_token, kv_cache_bytes, optimize, retarget
 from .backend import register_backend
 from .capture import Captured, capture
@@ -19,5 +20,5 @@ __all__ = [
     "capture", "Captured", "find_sites", "AttentionSite",
     "Policy", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "Quantize", "FORMS",
     "KVPassError", "CaptureError", "SiteError", "PolicyError", "register_backend",
-    "save_pretrained", "from_pretrained",
+    "save_pretrained", "from_pretrained", "evaluate",
 ]

@@ -3,8 +3,10 @@
     kvpass inspect smollm2-135m           # one row per attention site, and totals
     kvpass inspect ./my-hf-folder --json  # the same, for machines
     kvpass kernels --heads 9 --kv-heads 3 --head-dim 64 --causal --kind decode --dump
+    kvpass kernels --causal --quant-bits 4 --kind decode --dump     # int4 cache, dequantized in registers
     kvpass rewrite smollm2-135m out/ --policy shared_kv:kv_heads=1   # native GQA checkpoint
     kvpass rewrite ./hf-folder out/ --policy policy.yaml --calibration notes.txt --heal 50
+    kvpass eval smollm2-135m --policy window:size=512,sinks=4 --policy quantize:bits=4 --plot eval.png
 
 Exit codes: 0 success, 2 bad input (one clear line on stderr, no traceback).
 """
@@ -52,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     ker.add_argument("--sinks", type=int, default=0, help="attention sinks with --window")
     ker.add_argument("--softcap", type=float, default=None, help="tanh soft-capping of scores")
     ker.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ker.add_argument("--quant-bits", type=int, default=None, choices=[8, 4, 2],
+                     help="quantized KV storage: bits per value (decode kernels dequantize in registers)")
+    ker.add_argument("--quant-group", type=int, default=64, help="values (or tokens) per scale (default 64)")
+    ker.add_argument("--quant-keys", default="channel", choices=["channel", "token"],
+                     help="key scales per channel over GROUP tokens, or per GROUP values of a token")
     ker.add_argument("--kind", default="prefill", choices=["prefill", "decode"])
     ker.add_argument("--spec", default=None, help="a KernelSpec as JSON (overrides the flags above)")
     ker.add_argument("--dump", action="store_true", help="print the source (default: its cache path)")
@@ -83,7 +90,66 @@ def _parser() -> argparse.ArgumentParser:
     rw.add_argument("--in-memory", action="store_true",
                     help="load the whole model even when the policy could stream layer by layer")
     rw.set_defaults(func=cmd_rewrite)
+    ev = sub.add_parser(
+        "eval", help="measure quality, KV bytes, cache memory and decode speed of policies",
+        description="Evaluate MODEL as it is and rewritten by each --policy, on the same tokens of "
+                    "held-out text: perplexity (chunks of --context tokens), late-position perplexity "
+                    "and passkey retrieval for causal LMs (embedding cosine for encoders); KV bytes "
+                    "per token computed and measured from the cache; peak cache memory and decode "
+                    "tokens/s at each --speed-contexts. Prints one table; --json and --plot save it "
+                    "(the plot: perplexity vs KV bytes/token, Pareto front marked).",
+        epilog=EPILOG + "\nPOLICY: as for `kvpass rewrite` (repeat --policy to compare several).\n"
+               "Example: kvpass eval smollm2-135m --policy window:size=512,sinks=4 "
+               "--policy quantize:bits=4 --context 2048 --plot eval.png\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("model", metavar="MODEL")
+    ev.add_argument("--policy", action="append", default=[], help="policy to compare (repeatable)")
+    ev.add_argument("--text", default=None, help="held-out text file (default: the bundled Emma)")
+    ev.add_argument("--calibration", default=None, help="calibration text/file for calibrating policies "
+                                                        "(default: the bundled Persuasion)")
+    ev.add_argument("--context", type=int, default=2048, help="chunk length and reporting context (2048)")
+    ev.add_argument("--chunks", type=int, default=4, help="perplexity chunks (default 4)")
+    ev.add_argument("--passkey-lengths", type=int, nargs="*", default=None,
+                    help="passkey prompt lengths (default: context/2 and context; none to skip)")
+    ev.add_argument("--speed-contexts", type=int, nargs="*", default=[512, 2048, 8192],
+                    help="contexts for decode tokens/s and peak cache memory (default 512 2048 8192)")
+    ev.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context (16)")
+    ev.add_argument("--json", default=None, help="write the rows as JSON")
+    ev.add_argument("--plot", default=None, help="write the quality-vs-bytes plot (PNG)")
+    ev.set_defaults(func=cmd_eval)
     return p
+
+
+def cmd_eval(args) -> int:
+    from . import models
+    from .evaluation import evaluate
+    from .rewrite import parse_policy
+    from .text import load_text
+
+    policies = {p: parse_policy(p) for p in args.policy}
+    text = load_text(args.text) if args.text else None
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tok = models.load(args.model)
+    calib = None
+    if any(not _visibility(p) for p in policies.values()):
+        calib = load_text(args.calibration or "calibration")
+    ev = evaluate(model, policies, tok, text=text, context=args.context, chunks=args.chunks,
+                  passkey_lengths=args.passkey_lengths, speed_contexts=args.speed_contexts,
+                  decode_steps=args.decode_steps, calibration=calib)
+    ev.settings["model"] = args.model
+    print(ev.table())
+    if args.json:
+        ev.to_json(args.json)
+        print(f"json: {args.json}")
+    if args.plot:
+        print(f"plot: {ev.plot(args.plot)}")
+    return 0
+
+
+def _visibility(policy) -> bool:
+    from .evaluation import _visibility_only
+
+    return _visibility_only(policy)
 
 
 def cmd_rewrite(args) -> int:
@@ -103,9 +169,14 @@ def cmd_kernels(args) -> int:
     if args.spec:
         spec = codegen.KernelSpec.from_json(args.spec)
     else:
+        extra = {}
+        if args.quant_bits:
+            unit = args.quant_group if args.quant_keys == "channel" else 1
+            extra["quant"] = {"bits": args.quant_bits, "group": args.quant_group, "keys": args.quant_keys,
+                              "values": "token", "unit": unit}
         spec = codegen.KernelSpec(num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                                   causal=args.causal, window=args.window, sinks=args.sinks,
-                                  softcap=args.softcap, dtype=args.dtype)
+                                  softcap=args.softcap, dtype=args.dtype, extra=extra)
     text = codegen.source(spec, args.kind)
     if args.dump:
         print(text)

@@ -1,5 +1,8 @@
 """Long-range quality measures: late-position perplexity, perplexity by position, passkey retrieval.
 
+The module is also callable: ``kvpass.evaluate(model, policies, tokenizer, ...)`` is
+:func:`kvpass.evaluation.evaluate` (quality, KV bytes, memory and decode speed side by side).
+
 They compare an original model with a rewritten one (windowed or sparse attention)
 on what such rewrites can lose: tokens far from the start of a long context.
 
@@ -24,6 +27,8 @@ import math
 import os
 import random
 import re
+import sys
+import types
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -351,3 +356,16 @@ def _last_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+class _CallableModule(types.ModuleType):
+    """``kvpass.evaluate(...)`` runs :func:`kvpass.evaluation.evaluate`; the module's functions
+    stay importable (``from kvpass.evaluate import passkey_accuracy``)."""
+
+    def __call__(self, *args, **kwargs):
+        from .evaluation import evaluate
+
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

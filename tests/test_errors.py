@@ -105,3 +105,9 @@ def test_cli_kernels_dump_and_bad_spec():
     r = subprocess.run([sys.executable, "-m", "kvpass.cli", "kernels", "--head-dim", "7"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "head_dim=7" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvpass.cli", "kernels", "--causal", "--quant-bits", "4",
+                        "--kind", "decode", "--dump"], capture_output=True, text=True)
+    assert r.returncode == 0 and "QMASK" in r.stdout and "def attn_decode_split" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "kvpass.cli", "kernels", "--quant-bits", "4"],
+                       capture_output=True, text=True)  # prefill of quantized storage: not generated
+    assert r.returncode == 2 and "decode kernels only" in r.stderr and "Traceback" not in r.stderr

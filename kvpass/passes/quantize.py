@@ -18,7 +18,11 @@ Example:
     >>> base = kvpass.optimize(LlamaForCausalLM(cfg).eval())
     >>> small = kvpass.optimize(LlamaForCausalLM(cfg).eval(), kvpass.Quantize(bits=4, group=16))
     >>> kvpass.kv_bytes_per_token(base), kvpass.kv_bytes_per_token(small)
-    (512, 208)
+    (512, 144)
+
+    Per layer and token: 64 fp32 values (256 B) become 32 B of 4-bit codes, 16 B of key
+    scales/zeros (per channel, shared by 16 tokens), 16 B of value scales/zeros (per token and
+    head) and an 8-byte position.
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""`kvpass eval` / `kvpass.evaluate`: one table of quality, KV bytes (computed = measured),
+peak cache memory and decode speed; JSON and a Pareto plot."""
+
+import json
+from pathlib import Path
+
+import families as fam
+import pytest
+import torch
+import transformers as tf
+
+import kvpass
+from kvpass import models
+from kvpass.cli import main
+from kvpass.evaluation import decode_speed, pareto_front
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as an HF folder."""
+    folder = tmp_path_factory.mktemp("eval") / "tiny"
+    tok = tf.AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_eval_table_json_plot(tiny, tmp_path, capsys):
+    out, png = tmp_path / "ev.json", tmp_path / "ev.png"
+    rc = main(["eval", str(tiny), "--policy", "window:size=32,sinks=4", "--policy", "quantize:bits=4,group=16",
+               "--context", "128", "--chunks", "2", "--passkey-lengths", "128", "--speed-contexts", "64", "256",
+               "--decode-steps", "3", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "tok/s@256" in text and "window:size=32,sinks=4" in text
+    d = json.loads(out.read_text())
+    rows = {r["label"]: r for r in d["rows"]}
+    assert list(rows)[0] == "original" and len(rows) == 3
+    for r in rows.values():
+        assert r["kv_bytes_per_token"] == r["kv_bytes_per_token_measured"]  # computed == measured
+        assert r["perplexity"] > 1 and set(r["speed"]) == {"64", "256"}
+        assert all(s["tokens_per_s"] > 0 and s["peak_cache_bytes"] > 0 for s in r["speed"].values())
+    win, q4 = rows["window:size=32,sinks=4"], rows["quantize:bits=4,group=16"]
+    assert win["speed"]["256"]["peak_cache_bytes"] < rows["original"]["speed"]["256"]["peak_cache_bytes"]
+    assert win["speed"]["256"]["peak_cache_bytes"] == win["speed"]["64"]["peak_cache_bytes"]  # ring full at 36
+    assert q4["cache_ratio"] < 0.5 and "passkey" in q4 and "passkey_retained" in q4
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_eval_bad_policy_is_one_line(tiny, capsys):
+    assert main(["eval", str(tiny), "--policy", "windw:size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown form 'windw'" in err and "Traceback" not in err
+
+
+def test_evaluate_encoder_cosine():
+    model, tok = models.load("minilm-l6")
+    ev = kvpass.evaluate(model, {"sparse": kvpass.Sparse(block=16, local=2, global_tokens=16)}, tok,
+                         speed_contexts=(), progress=False)
+    assert ev.rows[0]["cosine"] == pytest.approx(1.0) and 0.5 < ev.rows[1]["cosine"] < 1.0
+    assert "cosine" in ev.table() and "perplexity" not in ev.rows[1]
+
+
+def test_evaluate_labels_and_ratios():
+    torch.manual_seed(0)
+    model = fam.llama().eval()
+    ids = torch.randint(1, fam.VOCAB, (2, 40))
+    ev = kvpass.evaluate(model, [kvpass.Window(8, sinks=2), [kvpass.SharedKV(kv_heads=1)]], tokens=ids,
+                         context=40, speed_contexts=(), progress=False)
+    assert [r["label"] for r in ev.rows][1:] == ["window(size=8,sinks=2)",
+                                                 "shared_kv(kv_heads=1,ratio=None,grouping=contiguous,"
+                                                 "merge=mean,cross_layer=1)"]
+    assert ev.rows[2]["cache_ratio"] == 0.5
+    assert "late ppl" in ev.table()
+
+
+def test_decode_speed_reads_the_cache():
+    torch.manual_seed(0)
+    model = fam.llama().eval()
+    win = kvpass.optimize(model, kvpass.Window(6, sinks=1))
+    ids = torch.randint(1, fam.VOCAB, (1, 50))
+    a, b = decode_speed(model, ids, steps=2, chunk=16), decode_speed(win, ids, steps=2, chunk=16)
+    assert b["peak_cache_bytes"] == kvpass.kv_cache_bytes(win, 52) < a["peak_cache_bytes"]
+    assert a["peak_cache_bytes"] == kvpass.kv_cache_bytes(model, 52)
+
+
+def test_pareto_front():
+    assert pareto_front([(1, 5.0), (2, 4.0), (3, 4.5), (4, 3.0)]) == [0, 1, 3]
+    assert pareto_front([(1, 0.9), (2, 0.95), (3, 0.93)], lower_is_better=False) == [0, 1]
