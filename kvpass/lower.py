@@ -62,9 +62,10 @@ class LayerPlan:
     ``window``/``sinks``: each query sees its last ``window`` tokens and the first ``sinks``;
     ``pattern``: a block-sparse pattern; ``latent``: the rank of an MHC latent cached instead
     of keys and values (the weights live in ``KVCore.latent``); ``quant``: the stored values
-    are quantized (:class:`~kvpass.quant.QuantRule`).  With any of these the layer is *positional*: visibility comes from token positions (the graph's mask
-    only says which tokens are padding) and the cache is a :class:`~kvpass.cache.KVRingLayer`
-    storing one position per slot.
+    are quantized (:class:`~kvpass.quant.QuantRule`).  With any of these the layer is
+    *positional*: visibility comes from token positions (the graph's mask only says which
+    tokens are padding) and the cache is a :class:`~kvpass.cache.KVRingLayer` (or
+    :class:`~kvpass.cache.KVQuantLayer`) storing one position per slot.
     """
 
     keep: tuple[int, ...] | None = None

@@ -328,7 +328,8 @@ def test_quant_decode_matches_reference(data, seed):
     keys = torch.cat([dequantize(kq, dt), rk], 2)
     w = None
     if latent:
-        w = reference.LatentWeights(*(t.to(DEVICE) for t in latent_weights(spec.num_kv_heads, r, d, "half", False, gen)))
+        w = latent_weights(spec.num_kv_heads, r, d, "half", False, gen)
+        w = reference.LatentWeights(*(t.to(DEVICE) for t in w))
         kk, vv = reference.latent_keys_values(keys, k_all, w, None)
     else:
         kk, vv = keys, torch.cat([dequantize(vq, dt), rv], 2)

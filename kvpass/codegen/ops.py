@@ -35,7 +35,8 @@ from kvpass.codegen.generate import interpreting, load, use_interpreter
 from kvpass.codegen.spec import CodegenError, KernelSpec
 from kvpass.reference import LatentWeights
 
-__all__ = ["attention", "latent_attention", "latent_fits", "quant_attention", "quant_decode", "prefill", "decode", "run",
+__all__ = ["attention", "latent_attention", "latent_fits", "quant_attention", "quant_decode", "prefill", "decode",
+           "run",
            "kernel_mode", "choose_kind"]
 
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
