@@ -58,7 +58,7 @@ class Evaluation:
         quality = "perplexity" if "perplexity" in base else "cosine"
         speeds = [str(n) for n in self.settings.get("speed_contexts", ())]
         head = (f"{'policy':<36} {quality:>10} {'change':>8} {'late ppl':>9} {'passkey':>8} "
-                f"{'KV B/token':>11} {'cache':>7}" + "".join(f" {'tok/s@' + n:>11} {'peak MB@' + n:>11}"
+                f"{'KV B/token':>11} {'cache':>7} {'bf16':>7}" + "".join(f" {'tok/s@' + n:>11} {'peak MB@' + n:>11}"
                                                           for n in speeds))
         lines = [head, "-" * len(head)]
         for r in self.rows:
@@ -69,7 +69,8 @@ class Evaluation:
             cells = [f"{r['label'][:36]:<36}", f"{q:>10.3f}" if q is not None else f"{'-':>10}", f"{change:>8}",
                      f"{late:>9.3f}" if late is not None else f"{'-':>9}",
                      f"{pk:>8.2f}" if pk is not None else f"{'-':>8}",
-                     f"{r['kv_bytes_per_token']:>11,.0f}", f"{r['cache_ratio']:>6.3f}x"]
+                     f"{r['kv_bytes_per_token']:>11,.0f}", f"{r['cache_ratio']:>6.3f}x",
+                     f"{r['cache_ratio_bf16']:>6.3f}x"]
             for n in speeds:
                 s = r.get("speed", {}).get(n)
                 cells += [f"{s['tokens_per_s']:>11.2f}", f"{s['peak_cache_bytes'] / 1e6:>11.2f}"] if s else \
@@ -278,6 +279,7 @@ def evaluate(
             else:
                 row["passkey_retained"] = passkey_retained(base_pk, pk)["retained"]
         row["kv_bytes_per_token"] = api.kv_cache_bytes(fast, context) / context
+        row["kv_bytes_per_token_bf16"] = api.kv_cache_bytes(fast, context, dtype=torch.bfloat16) / context
         if causal and stream is not None:
             got, _ = measured_bytes(fast, stream[:, :context])
             row["kv_bytes_per_token_measured"] = got / context
@@ -286,6 +288,7 @@ def evaluate(
         row["seconds"] = round(time.time() - t0, 1)
         base = result.rows[0] if result.rows else row
         row["cache_ratio"] = row["kv_bytes_per_token"] / base["kv_bytes_per_token"]
+        row["cache_ratio_bf16"] = row["kv_bytes_per_token_bf16"] / base["kv_bytes_per_token_bf16"]
         result.rows.append(row)
     return result
 

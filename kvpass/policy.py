@@ -270,6 +270,16 @@ class Policy:
         """A Policy from a Policy, a form, or a list of forms (applied to every layer)."""
         return value if isinstance(value, Policy) else cls(default=value)
 
+    @classmethod
+    def budget(cls, model, kv_ratio: float, context: int = 4096, forms=("quantize", "window"),
+               calibration=None, tokenizer=None, **kw) -> Policy:
+        """A per-layer policy bringing the cache at ``context`` tokens to ``1 / kv_ratio`` of the
+        original with the least estimated damage; ``policy.explanation.table()`` says why.
+        See :mod:`kvpass.budget`."""
+        from .budget import budget_policy
+
+        return budget_policy(model, kv_ratio, context, forms, calibration, tokenizer, **kw)
+
     def forms_for(self, layer: int, name: str) -> tuple[Form, ...]:
         chosen = self.default
         for sel, forms in self.layers.items():

@@ -90,3 +90,37 @@ def test_decode_speed_reads_the_cache():
 def test_pareto_front():
     assert pareto_front([(1, 5.0), (2, 4.0), (3, 4.5), (4, 3.0)]) == [0, 1, 3]
     assert pareto_front([(1, 0.9), (2, 0.95), (3, 0.93)], lower_is_better=False) == [0, 1]
+
+
+def _budget_model():
+    torch.manual_seed(0)
+    return fam.llama(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3).eval()
+
+
+def test_budget_policy_fits_and_explains():
+    model = _budget_model()
+    ids = torch.randint(1, fam.VOCAB, (1, 512), generator=torch.Generator().manual_seed(0))
+    pol = kvpass.Policy.budget(model, kv_ratio=3, context=512, calibration=ids, progress=False)
+    search = pol.explanation
+    fast = kvpass.optimize(model, pol)
+    assert kvpass.kv_cache_bytes(fast, 512) == search.bytes <= search.budget
+    assert search.budget == kvpass.kv_cache_bytes(model, 512) // 3
+    assert "runner-up" in search.table() and len(search.rows) == 3
+    # every layer chose the option of least damage among those its bytes allowed
+    for r in search.rows:
+        assert r["damage"] == pytest.approx(r["sensitivity"] * r["errors"][r["chosen"]])
+    # a looser budget never has more damage
+    loose = kvpass.Policy.budget(model, kv_ratio=1.5, context=512, calibration=ids, progress=False)
+    assert sum(r["damage"] for r in loose.explanation.rows) <= sum(r["damage"] for r in search.rows)
+    assert kvpass.Policy.from_dict(pol.to_dict()) == pol  # a plain policy: saves and loads
+
+
+def test_budget_errors():
+    model = _budget_model()
+    ids = torch.randint(1, fam.VOCAB, (1, 256))
+    with pytest.raises(kvpass.PolicyError, match="kv_ratio"):
+        kvpass.Policy.budget(model, kv_ratio=1, context=256, calibration=ids)
+    with pytest.raises(kvpass.PolicyError, match="smallest option"):
+        kvpass.Policy.budget(model, kv_ratio=100, context=256, calibration=ids, progress=False)
+    with pytest.raises(kvpass.PolicyError, match="not searched"):
+        kvpass.Policy.budget(model, kv_ratio=2, context=256, calibration=ids, forms=("mhc",))
