@@ -103,7 +103,7 @@ class Evaluation:
         fx = sorted((pts[i][0], pts[i][1]) for i in front)
         ax.plot([p[0] for p in fx], [p[1] for p in fx], "r--", lw=1, label="Pareto front")
         ax.set_xscale("log")
-        ax.set_xlabel(f"KV cache bytes per token at {self.settings.get('context')} tokens")
+        ax.set_xlabel(f"KV cache bytes per token at {self.settings.get('kv_context')} tokens")
         ax.set_ylabel(quality + (" (held-out text)" if quality == "perplexity" else " to the original"))
         ax.set_title(self.settings.get("model", "kvpass eval"))
         ax.legend(loc="best", fontsize=8)
@@ -193,6 +193,7 @@ def evaluate(
     tokens: torch.Tensor | None = None,
     context: int = 2048,
     chunks: int = 4,
+    kv_context: int | None = None,
     late: int | None = None,
     passkey_lengths: Sequence[int] | None = None,
     passkey_depths: Sequence[float] = (0.1, 0.5, 0.9),
@@ -209,8 +210,8 @@ def evaluate(
             copy (``retarget``); others are optimised from the original each.
         tokenizer, text: held-out text (default: the bundled evaluation text, *Emma*); or
             ``tokens`` [N, S] ids directly (then no passkey and no tokenizer needed).
-        context: chunk length for perplexity and the context KV bytes are reported at;
-            ``late`` (default ``context // 2``) starts the long-range targets.
+        context: chunk length for perplexity and (unless ``kv_context``) the context KV bytes
+            are reported at; ``late`` (default ``context // 2``) starts the long-range targets.
         passkey_lengths: prompt lengths (default ``[context // 2, context]``; causal LMs with a
             tokenizer only); counted only where the original retrieves the key.
         speed_contexts: contexts for peak cache memory and decode tokens/s (``()`` to skip).
@@ -233,14 +234,16 @@ def evaluate(
     else:
         tokens = tokens[:chunks, :context]
     sentences = None if causal else split_sentences(text if text is not None else load_text("eval"), 256)
-    need = max([context, *speed_contexts]) + decode_steps + 1
+    kv_context = kv_context or context
+    need = max([kv_context, *speed_contexts]) + decode_steps + 1
     stream = tokens.flatten()[None] if tokens is not None else None
     if stream is not None and stream.shape[1] < need and tokenizer is not None:
         stream = token_chunks(tokenizer, text if text is not None else load_text("eval"), need, 1)
     lengths = list(passkey_lengths) if passkey_lengths is not None else [max(64, context // 2), context]
     do_passkey = causal and tokenizer is not None and bool(lengths)
     settings = {"model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
-                "context": context, "chunks": int(tokens.shape[0]) if tokens is not None else None, "late": late,
+                "context": context, "kv_context": kv_context, "late": late,
+                "chunks": int(tokens.shape[0]) if tokens is not None else None,
                 "passkey_lengths": lengths if do_passkey else [], "passkey_depths": list(passkey_depths),
                 "speed_contexts": [n for n in speed_contexts if stream is not None and stream.shape[1] >= n],
                 "decode_steps": decode_steps}
@@ -278,11 +281,12 @@ def evaluate(
                 base_pk = pk
             else:
                 row["passkey_retained"] = passkey_retained(base_pk, pk)["retained"]
-        row["kv_bytes_per_token"] = api.kv_cache_bytes(fast, context) / context
-        row["kv_bytes_per_token_bf16"] = api.kv_cache_bytes(fast, context, dtype=torch.bfloat16) / context
+        n = kv_context
+        row["kv_bytes_per_token"] = api.kv_cache_bytes(fast, n) / n
+        row["kv_bytes_per_token_bf16"] = api.kv_cache_bytes(fast, n, dtype=torch.bfloat16) / n
         if causal and stream is not None:
-            got, _ = measured_bytes(fast, stream[:, :context])
-            row["kv_bytes_per_token_measured"] = got / context
+            got, _ = measured_bytes(fast, stream[:, :n])
+            row["kv_bytes_per_token_measured"] = got / n
             row["speed"] = {str(n): decode_speed(fast, stream[:, :n], decode_steps)
                             for n in settings["speed_contexts"]}
         row["seconds"] = round(time.time() - t0, 1)
