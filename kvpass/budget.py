@@ -121,8 +121,9 @@ def _untap(cores):
         c.taps.pop()
 
 
-def _local_error(core, q, k, v, forms: tuple[Form, ...]) -> float:
-    """Relative error of the layer's attention output under ``forms`` (last queries)."""
+def _layer_errors(core, q, k, v, options: dict[str, tuple[Form, ...]]) -> dict[str, float]:
+    """Relative error of the layer's attention output (last queries) under each option; the
+    full output and each quantization's values are computed once per layer."""
     from . import reference
     from .passes.quantize import rule as quant_rule
     from .quant import fake_quantize
@@ -130,20 +131,29 @@ def _local_error(core, q, k, v, forms: tuple[Form, ...]) -> float:
     s = core.spec
     B, _, S, _ = k.shape
     pos = torch.arange(S, device=k.device)[None].expand(B, S)
-    q_pos = pos[:, S - q.shape[2]:]
-    base = dict(kv_head_map=s.kv_head_map, scale=s.scale, causal=s.causal, softcap=s.softcap, q_pos=q_pos, k_pos=pos)
-    ref = reference.attention(q, k, v, **base)
-    kw = dict(base)
-    for f in forms:
-        if f.kind == "window":
-            kw.update(window=f.size, sinks=f.sinks)
-        elif f.kind == "quantize":
-            r = quant_rule(f)
-            kw.update(quant=r,
-                      k_hat=fake_quantize(k, pos, r.bits, r.group, r.keys)[0],
-                      v_hat=fake_quantize(v, pos, r.bits, r.group, r.values)[0])
-    out = reference.attention(q, k, v, **kw)
-    return float(((out.float() - ref.float()) ** 2).sum() / (ref.float() ** 2).sum().clamp(min=1e-30))
+    base = dict(kv_head_map=s.kv_head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
+                q_pos=pos[:, S - q.shape[2]:], k_pos=pos)
+    ref = reference.attention(q, k, v, **base).float()
+    norm = (ref ** 2).sum().clamp(min=1e-30)
+    hats: dict = {}
+    out = {}
+    for label, forms in options.items():
+        kw = dict(base)
+        for f in forms:
+            if f.kind == "window":
+                kw.update(window=f.size, sinks=f.sinks)
+            elif f.kind == "quantize":
+                if f not in hats:
+                    r = quant_rule(f)
+                    hats[f] = dict(quant=r, k_hat=fake_quantize(k, pos, r.bits, r.group, r.keys)[0],
+                                   v_hat=fake_quantize(v, pos, r.bits, r.group, r.values)[0])
+                kw.update(hats[f])
+        if len(kw) == len(base):
+            out[label] = 0.0
+            continue
+        o = reference.attention(q, k, v, **kw).float()
+        out[label] = float(((o - ref) ** 2).sum() / norm)
+    return out
 
 
 def _kl(clean: torch.Tensor, other: torch.Tensor) -> float:
@@ -232,8 +242,8 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
         finally:
             _untap(cores)
         bar.update()
-        err = {c.layer_idx: {lb: _local_error(c, *store[c.layer_idx], options[lb]) if lb != "full" else 0.0
-                             for lb in labels} for c in causal}
+        err = {c.layer_idx: _layer_errors(c, *store[c.layer_idx], {lb: options[lb] for lb in labels})
+               for c in causal}
         del store
         pstore = _taps(cores, min(queries, probe_ids.shape[1]))
         try:
@@ -244,7 +254,7 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
         sens = {}
         for c in causal:
             ref_form = (Quantize(bits=2, group=math.gcd(32, c.spec.head_dim), keys="per_token"),)
-            e = _local_error(c, *pstore[c.layer_idx], ref_form)
+            e = _layer_errors(c, *pstore[c.layer_idx], {"ref": ref_form})["ref"]
             retarget(lowered, Policy(default=Full(), layers={c.layer_idx: ref_form}))
             kl = _kl(clean, lowered(probe_ids).logits)
             sens[c.layer_idx] = kl / max(e, 1e-12)
