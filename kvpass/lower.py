@@ -246,8 +246,10 @@ class KVCore(nn.Module):
         k, v, q_pos, k_pos = step[:4]
         hats = step[4:] if len(step) > 4 else None
         head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
-        if rule is not None and layer is not None and q.shape[2] == 1 and not torch.is_grad_enabled() \
-                and codegen.kernel_mode(q.device) != "reference":
+        if rule is not None and layer is not None and q.shape[2] == 1 and not torch.is_grad_enabled():
+            # decode: the store is all quantized and the residual all full precision for the newest
+            # query, so one op reads the packed cache (kernels dequantize in registers; on CPU the
+            # op's reference dequantizes and runs SDPA -- cheaper than the two-score prefill rule)
             out = self._attend_quant(q, layer, q_pos, limit, head_map)
             if out is not None:
                 return out
