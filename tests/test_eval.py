@@ -124,3 +124,15 @@ def test_budget_errors():
         kvpass.Policy.budget(model, kv_ratio=100, context=256, calibration=ids, progress=False)
     with pytest.raises(kvpass.PolicyError, match="not searched"):
         kvpass.Policy.budget(model, kv_ratio=2, context=256, calibration=ids, forms=("mhc",))
+
+
+def test_report_reads_the_measured_runs():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "bench/report.py"], capture_output=True, text=True,
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    body = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and "method" not in ln]
+    assert any("int4 g64, keys per channel" in ln for ln in body) and any("MHC 4x" in ln for ln in body)
+    assert all(ln.count("|") == 8 for ln in body)
