@@ -124,7 +124,8 @@ def rows() -> list[dict]:
 
 def table(rs: list[dict]) -> str:
     lines = [
-        "| method | cache reduction | perplexity change | long-range recall | decode speed-up (CPU) | setting | command |",
+        "| method | cache reduction | perplexity change | long-range recall | decode speed-up (CPU) "
+        "| setting | command |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rs:
