@@ -9,7 +9,7 @@ least estimated damage:
 1. **Local error.**  One forward of a calibration chunk of ``context`` tokens records every
    layer's queries, keys and values.  For each layer and option, the layer's attention output
    for the last ``queries`` positions is recomputed under the option (windowed visibility,
-   quantized keys/values by :mod:`kvpass.quant`'s rule) and compared with the full output:
+   keys/values quantized by :mod:`kvpass.quant`) and compared with the full output:
    ``err = |o' - o|² / |o|²``.  Far-reaching layers show a large error for windows; layers
    with outlier channels, for quantization.
 2. **Sensitivity.**  How much a layer's error moves the model: on a shorter probe, one
@@ -122,8 +122,11 @@ def _untap(cores):
 
 
 def _layer_errors(core, q, k, v, options: dict[str, tuple[Form, ...]]) -> dict[str, float]:
-    """Relative error of the layer's attention output (last queries) under each option; the
-    full output and each quantization's values are computed once per layer."""
+    """Relative error of the layer's attention output (last queries) under each option.
+
+    Quantized options attend over the quantized keys/values everywhere (the flush rule's
+    full-precision residual is ignored: a slight over-estimate), so every option runs through
+    torch's fused SDPA; the full output and each quantization's values are computed once."""
     from . import reference
     from .passes.quantize import rule as quant_rule
     from .quant import fake_quantize
@@ -133,25 +136,25 @@ def _layer_errors(core, q, k, v, options: dict[str, tuple[Form, ...]]) -> dict[s
     pos = torch.arange(S, device=k.device)[None].expand(B, S)
     base = dict(kv_head_map=s.kv_head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
                 q_pos=pos[:, S - q.shape[2]:], k_pos=pos)
-    ref = reference.attention(q, k, v, **base).float()
+    ref = reference.attention_sdpa(q, k, v, **base).float()
     norm = (ref ** 2).sum().clamp(min=1e-30)
     hats: dict = {}
     out = {}
     for label, forms in options.items():
-        kw = dict(base)
+        kw, kk, vv = dict(base), k, v
         for f in forms:
             if f.kind == "window":
                 kw.update(window=f.size, sinks=f.sinks)
             elif f.kind == "quantize":
                 if f not in hats:
                     r = quant_rule(f)
-                    hats[f] = dict(quant=r, k_hat=fake_quantize(k, pos, r.bits, r.group, r.keys)[0],
-                                   v_hat=fake_quantize(v, pos, r.bits, r.group, r.values)[0])
-                kw.update(hats[f])
-        if len(kw) == len(base):
+                    hats[f] = (fake_quantize(k, pos, r.bits, r.group, r.keys)[0],
+                               fake_quantize(v, pos, r.bits, r.group, r.values)[0])
+                kk, vv = hats[f]
+        if len(kw) == len(base) and kk is k:
             out[label] = 0.0
             continue
-        o = reference.attention(q, k, v, **kw).float()
+        o = reference.attention_sdpa(q, kk, vv, **kw).float()
         out[label] = float(((o - ref) ** 2).sum() / norm)
     return out
 
@@ -190,8 +193,8 @@ def _knapsack(costs: list[list[int]], damage: list[list[float]], budget: int) ->
 
 
 def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=("quantize", "window"),
-                  calibration=None, tokenizer=None, dtype: torch.dtype | None = None, queries: int = 256,
-                  probe: int = 512, progress: bool = True) -> Policy:
+                  calibration=None, tokenizer=None, dtype: torch.dtype | None = None, queries: int = 128,
+                  probe: int = 256, progress: bool = True) -> Policy:
     """The per-layer policy for ``1 / kv_ratio`` of the cache at ``context`` tokens (module
     docstring).  ``calibration``: text (with ``tokenizer``) or token ids [N, S]; default the
     bundled calibration text (*Persuasion*), never the evaluation text."""
