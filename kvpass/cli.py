@@ -127,12 +127,12 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="the main job: SmolLM2-135M, a default policy and a 4x budget search, side by side",
         description="Load the bundled SmolLM2-135M, evaluate it as it is, with the default policy "
                     "(int4 KV storage, keys per channel) and with a per-layer policy searched for 1/4 "
-                    "of the cache (bf16 bytes at 2048 tokens), on held-out text (Emma; the search "
+                    "of the cache (bf16 bytes at --context tokens), on held-out text (Emma; the search "
                     "calibrates on Persuasion). Prints the comparison table, the budget's per-layer "
                     "choices and the plot path. About 10 minutes on 2 CPU cores.")
     demo.add_argument("--out", default="kvpass-demo", help="folder for demo.json and demo.png (default ./kvpass-demo)")
     demo.add_argument("--budget", type=float, default=4.0, help="cache reduction to search for (default 4)")
-    demo.add_argument("--context", type=int, default=2048, help="tokens (default 2048)")
+    demo.add_argument("--context", type=int, default=1024, help="tokens (default 1024)")
     demo.set_defaults(func=cmd_demo)
     return p
 

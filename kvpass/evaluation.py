@@ -163,7 +163,7 @@ def decode_speed(model: nn.Module, ids: torch.Tensor, steps: int = 16, chunk: in
     for start in range(0, ids.shape[1], chunk):
         out = model(ids[:, start:start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t
-    peak = cache_nbytes(cache)
+    peak = after_prefill = cache_nbytes(cache)
     nxt = out.logits[:, -1:].argmax(-1)
     t = time.perf_counter()
     for _ in range(steps):
@@ -171,7 +171,7 @@ def decode_speed(model: nn.Module, ids: torch.Tensor, steps: int = 16, chunk: in
         nxt = out.logits[:, -1:].argmax(-1)
         peak = max(peak, cache_nbytes(cache))
     return {"tokens_per_s": steps / (time.perf_counter() - t), "peak_cache_bytes": peak,
-            "prefill_s": round(prefill, 2)}
+            "prefill_cache_bytes": after_prefill, "prefill_s": round(prefill, 2)}
 
 
 def _label(policy) -> str:
@@ -285,10 +285,11 @@ def evaluate(
         row["kv_bytes_per_token"] = api.kv_cache_bytes(fast, n) / n
         row["kv_bytes_per_token_bf16"] = api.kv_cache_bytes(fast, n, dtype=torch.bfloat16) / n
         if causal and stream is not None:
-            got, _ = measured_bytes(fast, stream[:, :n])
+            row["speed"] = {str(c): decode_speed(fast, stream[:, :c], decode_steps)
+                            for c in settings["speed_contexts"]}
+            got = row["speed"][str(n)]["prefill_cache_bytes"] if str(n) in row["speed"] else \
+                measured_bytes(fast, stream[:, :n])[0]
             row["kv_bytes_per_token_measured"] = got / n
-            row["speed"] = {str(n): decode_speed(fast, stream[:, :n], decode_steps)
-                            for n in settings["speed_contexts"]}
         row["seconds"] = round(time.time() - t0, 1)
         base = result.rows[0] if result.rows else row
         row["cache_ratio"] = row["kv_bytes_per_token"] / base["kv_bytes_per_token"]
