@@ -346,6 +346,7 @@ class KVQuantLayer(KVRingLayer):
         self.rule = rule
         self.kq = self.vq = None
         self.rk = self.rv = self.rpos = None
+        self.last_positions: Tensor | None = None  # positions of the last update's new tokens
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -364,8 +365,13 @@ class KVQuantLayer(KVRingLayer):
         v = self.vq.dequantized() if self.vq is not None else k.new_zeros(*k.shape[:3], 0)
         return k, v
 
-    def update(self, key_states: Tensor, value_states: Tensor, valid: Tensor | None = None, *args, **kwargs):
-        """-> (keys, values, q_pos, k_pos, keys_hat, values_hat) to attend with."""
+    def update(self, key_states: Tensor, value_states: Tensor, valid: Tensor | None = None, *args,
+               lazy: bool = False, **kwargs):
+        """-> (keys, values, q_pos, k_pos, keys_hat, values_hat) to attend with.
+
+        ``lazy``: store only and return None (a decode step that reads the packed cache
+        directly, :meth:`current`); nothing is dequantized, and new tokens are quantized only
+        when a unit is flushed."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, _, S, _ = key_states.shape
@@ -379,33 +385,38 @@ class KVQuantLayer(KVRingLayer):
         ok = torch.cat([self.rk, key_states.to(self.rk.dtype)], 2)  # open tokens: residual + new
         ov = torch.cat([self.rv, value_states.to(self.rv.dtype)], 2)
         opos = torch.cat([self.rpos, pos], 1)
-        k_hat, write_k = self.kq.encode(ok, opos, q_old)
-        if self.vq is not None:
-            v_hat, write_v = self.vq.encode(ov, opos, q_old)
-        else:
-            v_hat, write_v = ov, None
-        sk, sv = self.stored()
-        keys, values = torch.cat([sk, ok], 2), torch.cat([sv, ov], 2)
-        keys_hat, values_hat = torch.cat([sk, k_hat], 2), torch.cat([sv, v_hat], 2)
-        k_pos = torch.cat([self.positions, opos], 1)
+        flushing = bool((q_new > q_old).any())
+        step = None
+        if flushing or not lazy:
+            k_hat, write_k = self.kq.encode(ok, opos, q_old)
+            if self.vq is not None:
+                v_hat, write_v = self.vq.encode(ov, opos, q_old)
+            else:
+                v_hat, write_v = ov, None
+        if not lazy:
+            sk, sv = self.stored()
+            keys, values = torch.cat([sk, ok], 2), torch.cat([sv, ov], 2)
+            step = (keys, values, pos, torch.cat([self.positions, opos], 1),
+                    torch.cat([sk, k_hat], 2), torch.cat([sv, v_hat], 2))
         # flush: open tokens now below flushed(n), that future queries can still see
         self.cumulative_length += S
         self.n_seen = n_new
-        flush = (opos >= 0) & (opos < q_new[:, None])
-        if spec.ring is not None:
-            flush = flush & ((opos < spec.pinned) | (opos >= spec.keep_from(n_new)[:, None]))
-        slots = int(q_new.max())
-        if spec.capacity is not None:
-            slots = min(slots, spec.capacity)
-        self._grow(slots)
-        bi, ti = flush.nonzero(as_tuple=True)
-        if bi.numel():
-            p = opos[bi, ti]
-            slot = spec.slot(p)
-            write_k(bi, ti, slot)
-            if write_v is not None:
-                write_v(bi, ti, slot)
-            self.positions[bi, slot] = p
+        if flushing:
+            flush = (opos >= 0) & (opos < q_new[:, None])
+            if spec.ring is not None:
+                flush = flush & ((opos < spec.pinned) | (opos >= spec.keep_from(n_new)[:, None]))
+            slots = int(q_new.max())
+            if spec.capacity is not None:
+                slots = min(slots, spec.capacity)
+            self._grow(slots)
+            bi, ti = flush.nonzero(as_tuple=True)
+            if bi.numel():
+                p = opos[bi, ti]
+                slot = spec.slot(p)
+                write_k(bi, ti, slot)
+                if write_v is not None:
+                    write_v(bi, ti, slot)
+                self.positions[bi, slot] = p
         # the new residual: open tokens at or above flushed(n), at index pos - flushed(n)
         stay = (opos >= q_new[:, None])
         self.rk = torch.zeros_like(self.rk)
@@ -417,8 +428,16 @@ class KVQuantLayer(KVRingLayer):
             self.rk[bi, :, idx] = ok[bi, :, ti]
             self.rv[bi, :, idx] = ov[bi, :, ti]
             self.rpos[bi, idx] = opos[bi, ti]
-        self.step = (keys, values, pos, k_pos, keys_hat, values_hat)
-        return self.step
+        self.step = step
+        self.last_positions = pos
+        return step
+
+    def current(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys, values, k_pos) of the cache as it is: the store dequantized, then the residual
+        -- what the newest query sees (:class:`kvpass.quant.QuantRule`)."""
+        sk, sv = self.stored()
+        return (torch.cat([sk, self.rk], 2), torch.cat([sv, self.rv], 2),
+                torch.cat([self.positions, self.rpos], 1))
 
     def _grow(self, slots: int) -> None:
         n = self.positions.shape[1]

@@ -215,6 +215,10 @@ class KVCore(nn.Module):
         lat, rule = self.latent, self.plan.quant
         B, Sq = lat.batch_seq(q, k) if lat is not None else (q.shape[0], q.shape[2])
         producer = self.producer
+        # decode over a quantized cache: the store is all quantized and the residual all full
+        # precision for the newest query, so it reads the packed cache as it is (kernels
+        # dequantize in registers; on CPU the op's reference dequantizes and runs SDPA)
+        decode = rule is not None and Sq == 1 and not torch.is_grad_enabled()
         if producer is None:
             valid = _new_tokens_valid(mask, self.spec.mask_kind, B, Sq, self.layer_idx).to(k.device)
             if lat is not None:
@@ -225,7 +229,8 @@ class KVCore(nn.Module):
             layer = None
             if self._cache is not None:
                 layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring(), quant=rule)
-                step = tuple(layer.update(k, v, valid))
+                step = layer.update(k, v, valid, lazy=True) if decode else layer.update(k, v, valid)
+                step = None if step is None else tuple(step)
                 limit = layer.get_seq_length()
             else:
                 pos = token_positions(valid)
@@ -239,20 +244,21 @@ class KVCore(nn.Module):
             self._last = (step, limit)
         elif self._cache is not None:
             layer = ensure_layer(self._cache, self.layer_idx, source=producer.layer_idx).source
-            step, limit = tuple(layer.step), layer.get_seq_length()
+            step = None if layer.step is None else tuple(layer.step)
+            limit = layer.get_seq_length()
         else:
             step, limit = producer._last
             layer = None
-        k, v, q_pos, k_pos = step[:4]
-        hats = step[4:] if len(step) > 4 else None
         head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
-        if rule is not None and layer is not None and q.shape[2] == 1 and not torch.is_grad_enabled():
-            # decode: the store is all quantized and the residual all full precision for the newest
-            # query, so one op reads the packed cache (kernels dequantize in registers; on CPU the
-            # op's reference dequantizes and runs SDPA -- cheaper than the two-score prefill rule)
-            out = self._attend_quant(q, layer, q_pos, limit, head_map)
+        if decode and layer is not None:
+            out = self._attend_quant(q, layer, layer.last_positions, limit, head_map)
             if out is not None:
                 return out
+            if step is None:  # no kernel spec fits: the same reading in torch
+                k, v, k_pos = layer.current()
+                step = (k, v, layer.last_positions, k_pos)
+        k, v, q_pos, k_pos = step[:4]
+        hats = step[4:] if len(step) > 4 else None
         if lat is None:
             return self._attend(q, k, v, q_pos, k_pos, limit, head_map, hats)
         if lat.absorbed:  # attention in latent space: one shared "KV head" of width r

@@ -294,3 +294,17 @@ def test_policy_round_trip_and_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, fast(ids).logits, atol=1e-5)
     assert kvpass.kv_bytes_per_token(back) == kvpass.kv_bytes_per_token(fast)
+
+
+def test_decode_reads_the_packed_cache_even_without_a_kernel_spec():
+    """head_dim 8 has no kernel spec: decode reads the cache as it is in torch (store
+    dequantized + residual), the same values the one-shot rule gives the newest query."""
+    torch.manual_seed(0)
+    model = fam.llama(hidden_size=32, num_attention_heads=4, num_key_value_heads=2).eval()
+    fast = kvpass.optimize(model, [kvpass.Window(9, sinks=1), kvpass.Quantize(bits=8, group=8, residual=2)])
+    ids = torch.randint(1, fam.VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = fast(ids).logits
+        steps, cache = _stepwise(fast, ids, [4], model.config)
+    assert (whole - steps).abs().max() <= 1e-2
+    assert all(layer.step is None for layer in cache.layers)  # decode steps built no dequantized copy
