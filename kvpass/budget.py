@@ -11,7 +11,10 @@ least estimated damage:
    for the last ``queries`` positions is recomputed under the option (windowed visibility,
    keys/values quantized by :mod:`kvpass.quant`) and compared with the full output:
    ``err = |o' - o|² / |o|²``.  Far-reaching layers show a large error for windows; layers
-   with outlier channels, for quantization.
+   with outlier channels, for quantization.  With a tokenizer, a second forward runs a
+   retrieval prompt of ``context`` tokens (a pass key hidden at 20% depth in the calibration
+   text, asked for at the end) and the error of the answer positions is added: layers that
+   retrieve far back then refuse windows even where ordinary text barely needs them.
 2. **Sensitivity.**  How much a layer's error moves the model: on a shorter probe, one
    reference option (int2, per-token) is put on that layer alone and the model's next-token KL
    from the original is measured; ``sensitivity = KL / err`` of that option on the probe.
@@ -159,6 +162,19 @@ def _layer_errors(core, q, k, v, options: dict[str, tuple[Form, ...]]) -> dict[s
     return out
 
 
+def _retrieval_ids(tokenizer, text: str, context: int):
+    """(ids [1, context] of a pass-key prompt + its answer, number of answer positions): the key
+    at 20% depth in ``text`` (calibration text, never the evaluation's filler)."""
+    from .evaluate import passkey_prompt
+
+    try:
+        prompt, answer = passkey_prompt(tokenizer, context - 8, 0.2, 73_919, filler=text[:400_000])
+    except ValueError:  # context too short for a prompt
+        return None
+    ids = torch.cat([prompt[0], answer])[None]
+    return ids, answer.numel() + 1
+
+
 def _kl(clean: torch.Tensor, other: torch.Tensor) -> float:
     lp, lq = clean.float().log_softmax(-1), other.float().log_softmax(-1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
@@ -210,12 +226,14 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
         text = load_text("calibration") if calibration is None else calibration
         long_ids = token_chunks(tokenizer, text, context, 1)
         probe_ids = token_chunks(tokenizer, text, min(probe, context), 1)
+        retrieval = _retrieval_ids(tokenizer, text, context)
     else:
         ids = torch.as_tensor(calibration)
         if ids.shape[1] < context:
             raise PolicyError(f"Policy.budget: calibration ids have {ids.shape[1]} tokens per row, "
                               f"context={context} needs that many")
         long_ids, probe_ids = ids[:1, :context], ids[:1, :min(probe, context)]
+        retrieval = None
     options = candidates(context, forms)
     dtype = dtype or next(model.parameters()).dtype
     lowered = optimize(model, Full())
@@ -248,6 +266,17 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
         err = {c.layer_idx: _layer_errors(c, *store[c.layer_idx], {lb: options[lb] for lb in labels})
                for c in causal}
         del store
+        if retrieval is not None:  # the answer positions of a pass-key prompt: far retrieval
+            rids, answer = retrieval
+            store = _taps(cores, answer)
+            try:
+                lowered(rids)
+            finally:
+                _untap(cores)
+            for c in causal:
+                far = _layer_errors(c, *store[c.layer_idx], {lb: options[lb] for lb in labels})
+                err[c.layer_idx] = {lb: err[c.layer_idx][lb] + far[lb] for lb in labels}
+            del store
         pstore = _taps(cores, min(queries, probe_ids.shape[1]))
         try:
             clean = lowered(probe_ids).logits
