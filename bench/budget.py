@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     ap.add_argument("--speed-contexts", type=int, nargs="*", default=[512, 2048, 8192])
     ap.add_argument("--only-budget", action="store_true", help="skip the uniform baselines")
+    ap.add_argument("--uniform", nargs="*", default=None, help="substrings of the uniform rows to run (default all)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -62,15 +64,20 @@ def main() -> None:
     print(budget.explanation.table(), f"\n({search_s} s)", flush=True)
     policies = {f"budget {args.ratio:g}x (searched)": budget}
     if not args.only_budget:
-        policies.update(uniform(model, args.kv_context, args.ratio))
+        policies.update({k: v for k, v in uniform(model, args.kv_context, args.ratio).items()
+                         if args.uniform is None or any(s in k for s in args.uniform)})
+    extra = dict(model=args.model, budget_ratio=args.ratio, budget_dtype="bfloat16", search_seconds=search_s,
+                 budget_layers=budget.explanation.rows, budget_bytes=budget.explanation.bytes,
+                 budget_limit=budget.explanation.budget, command=" ".join(["python", *sys.argv]))
+
+    def partial(ev):
+        ev.settings.update(extra)
+        print(ev.table(), flush=True)
+        if args.json:
+            ev.to_json(args.json)
+
     ev = evaluate(model, policies, tok, context=args.len, chunks=args.chunks, kv_context=args.kv_context,
-                  passkey_lengths=args.passkey_lengths, speed_contexts=args.speed_contexts)
-    ev.settings.update(model=args.model, budget_ratio=args.ratio, budget_dtype="bfloat16", search_seconds=search_s,
-                       budget_layers=budget.explanation.rows, budget_bytes=budget.explanation.bytes,
-                       budget_limit=budget.explanation.budget)
-    print(ev.table())
-    if args.json:
-        ev.to_json(args.json)
+                  passkey_lengths=args.passkey_lengths, speed_contexts=args.speed_contexts, on_row=partial)
     if args.plot:
         print("plot:", ev.plot(args.plot))
     print(json.dumps({r["label"]: {"ppl": r["perplexity"], "bf16_ratio": r["cache_ratio_bf16"],

@@ -201,6 +201,7 @@ def evaluate(
     decode_steps: int = 16,
     calibration=None,
     progress: bool = True,
+    on_row=None,
 ) -> Evaluation:
     """Measure the original ``model`` and each policy on the same tokens (module docstring).
 
@@ -216,6 +217,7 @@ def evaluate(
             tokenizer only); counted only where the original retrieves the key.
         speed_contexts: contexts for peak cache memory and decode tokens/s (``()`` to skip).
         calibration: text or ids for policies that calibrate (passed to ``optimize``).
+        on_row: called with the :class:`Evaluation` after each row (partial results).
     """
     from . import api
     from .evaluate import passkey_accuracy, passkey_retained, perplexity_by_position
@@ -295,6 +297,8 @@ def evaluate(
         row["cache_ratio"] = row["kv_bytes_per_token"] / base["kv_bytes_per_token"]
         row["cache_ratio_bf16"] = row["kv_bytes_per_token_bf16"] / base["kv_bytes_per_token_bf16"]
         result.rows.append(row)
+        if on_row is not None:
+            on_row(result)
     return result
 
 

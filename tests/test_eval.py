@@ -68,8 +68,10 @@ def test_evaluate_labels_and_ratios():
     torch.manual_seed(0)
     model = fam.llama().eval()
     ids = torch.randint(1, fam.VOCAB, (2, 40))
+    seen = []
     ev = kvpass.evaluate(model, [kvpass.Window(8, sinks=2), [kvpass.SharedKV(kv_heads=1)]], tokens=ids,
-                         context=40, speed_contexts=(), progress=False)
+                         context=40, speed_contexts=(), progress=False, on_row=lambda e: seen.append(len(e.rows)))
+    assert seen == [1, 2, 3]
     assert [r["label"] for r in ev.rows][1:] == ["window(size=8,sinks=2)",
                                                  "shared_kv(kv_heads=1,ratio=None,grouping=contiguous,"
                                                  "merge=mean,cross_layer=1)"]
