@@ -20,6 +20,24 @@ def _common(**kw):
     return base
 
 
+def check_left_padding(fast, tol: float, new_tokens: int = 10) -> None:
+    """A left-padded batch gives each row the logits it has alone (to ``tol``) and the same greedy
+    tokens through ``generate`` (positions count real tokens, so padding shifts nothing)."""
+    a = torch.randint(1, VOCAB, (1, 14))
+    b = torch.randint(1, VOCAB, (1, 18))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        out = fast(batch, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        assert torch.isfinite(out).all()
+        assert (out[0, 4:] - fast(a).logits[0]).abs().max() <= tol
+        assert (out[1] - fast(b).logits[0]).abs().max() <= tol
+    gen = fast.generate(batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    alone = fast.generate(a, max_new_tokens=new_tokens, do_sample=False)
+    assert torch.equal(gen[0, 4:], alone[0])
+
+
 def llama(**kw):
     return tf.LlamaForCausalLM(tf.LlamaConfig(**_common(**kw)))
 
