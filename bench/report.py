@@ -103,7 +103,7 @@ def rows() -> list[dict]:
     d = _load("budget_smollm2.json")
     if d:
         base = d["rows"][0]
-        n = str(max(int(k) for k in base.get("speed", {"0": 0})))
+        n = str(max((int(k) for k in base.get("speed") or {}), default=0))
         for r in d["rows"][1:]:
             sp = None
             if n in r.get("speed", {}) and n in base.get("speed", {}):
@@ -116,7 +116,8 @@ def rows() -> list[dict]:
                     r.get("passkey_retained"),
                     sp,
                     "python bench/budget.py",
-                    f"ppl {d['settings']['context']} tok, bf16 cache @{d['settings']['kv_context']}, decode @{n}",
+                    f"ppl {d['settings']['context']} tok, bf16 cache @{d['settings']['kv_context']}"
+                    + (f", decode @{n}" if n != "0" else ""),
                 )
             )
     return out
