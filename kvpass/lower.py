@@ -236,10 +236,8 @@ class KVCore(nn.Module):
                 pos = token_positions(valid)
                 step = (k, v, pos, pos)
                 if rule is not None:
-                    step += (fake_quantize(k, pos, rule.bits, rule.group if rule.keys == "token" else rule.unit,
-                                           rule.keys)[0],
-                             fake_quantize(v, pos, rule.bits, rule.group if rule.values == "token" else rule.unit,
-                                           rule.values)[0] if v.shape[-1] else v)
+                    step += (fake_quantize(k, pos, rule.bits, rule.group, rule.keys)[0],
+                             fake_quantize(v, pos, rule.bits, rule.group, rule.values)[0] if v.shape[-1] else v)
                 limit = Sq
             self._last = (step, limit)
         elif self._cache is not None:

@@ -260,6 +260,21 @@ def _num_splits(c: _Call, n_tiles: int, interpret: bool, num_splits: int | None,
     return _cdiv(n_tiles, tps), tps
 
 
+def _split_buffers(spec: KernelSpec, B: int, H: int, Sq: int, nsplit: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 partial (m, l, acc) of every split, written by ``attn_decode_split``."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return (torch.empty(B, H, Sq, nsplit, **f32), torch.empty(B, H, Sq, nsplit, **f32),
+            torch.empty(B, H, Sq, nsplit, _pow2(spec.head_dim_v), **f32))
+
+
+def _reduce(mod, mp: Tensor, lp: Tensor, accp: Tensor, out: Tensor, nsplit: int) -> None:
+    """Combine the splits into ``out`` [B, H, Sq, Dv] (``attn_decode_reduce``)."""
+    B, H, Sq, _ = out.shape
+    mod.attn_decode_reduce[(B * H * Sq,)](
+        mp, lp, accp, out, *out.stride(), Sq, nsplit, BLOCK_S=max(2, _pow2(nsplit)), num_warps=4,
+    )
+
+
 def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | None = None,
            k_pos: Tensor | None = None, mask: Tensor | None = None,
            block_mask: Tensor | None = None, *, interpret: bool | None = None,
@@ -281,10 +296,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | No
     bm, bn = _decode_config(spec, Sq, interpret)
     bn = block_n or bn
     nsplit, tps = _num_splits(c, _cdiv(Sk, bn), interpret, num_splits, spec.num_kv_heads)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    mp = torch.empty(B, H, Sq, nsplit, **f32)
-    lp = torch.empty(B, H, Sq, nsplit, **f32)
-    accp = torch.empty(B, H, Sq, nsplit, _pow2(spec.head_dim_v), **f32)
+    mp, lp, accp = _split_buffers(spec, B, H, Sq, nsplit, q.device)
     _, groups = _head_tables(spec, q.device)
     tensors, strides = _pos_args(c)
     mod = load(spec, "decode")
@@ -293,9 +305,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, spec: KernelSpec, q_pos: Tensor | No
         POS_CONTIG=c.contig, UPCAST=interpret and spec.dtype == "bfloat16",
         BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2,
     )
-    mod.attn_decode_reduce[(B * H * Sq,)](
-        mp, lp, accp, out, *out.stride(), Sq, nsplit, BLOCK_S=max(2, _pow2(nsplit)), num_warps=4,
-    )
+    _reduce(mod, mp, lp, accp, out, nsplit)
     return out
 
 
@@ -509,10 +519,7 @@ def quant_decode(q: Tensor, kc: Tensor, ks: Tensor, kz: Tensor, vc: Tensor, vs: 
     bm, bn = _decode_config(spec, Sq, interpret)
     bn = block_n or bn
     nsplit, tps = _num_splits(c, max(1, _cdiv(Sk, bn)), interpret, num_splits, hkv)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    mp = torch.empty(B, H, Sq, nsplit, **f32)
-    lp = torch.empty(B, H, Sq, nsplit, **f32)
-    accp = torch.empty(B, H, Sq, nsplit, _pow2(spec.head_dim_v), **f32)
+    mp, lp, accp = _split_buffers(spec, B, H, Sq, nsplit, q.device)
     _, groups = _head_tables(spec, q.device)
     tensors, strides = _pos_args(c)
     ks, kz, vs, vz = (t.contiguous() for t in (ks, kz, vs, vz))
@@ -525,9 +532,7 @@ def quant_decode(q: Tensor, kc: Tensor, ks: Tensor, kz: Tensor, vc: Tensor, vs: 
         tps, nsplit, POS_CONTIG=False, UPCAST=interpret and spec.dtype == "bfloat16",
         BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2,
     )
-    mod.attn_decode_reduce[(B * H * Sq,)](
-        mp, lp, accp, out, *out.stride(), Sq, nsplit, BLOCK_S=max(2, _pow2(nsplit)), num_warps=4,
-    )
+    _reduce(mod, mp, lp, accp, out, nsplit)
     return out
 
 
