@@ -4,16 +4,25 @@ Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), s
 ``torch.compile(model, backend="kvpass")`` works in a process that never imported kvpass,
 and through :func:`register_backend`.
 
-What it does today (issue 7, first part):
-
 - On a model already rewritten by :func:`kvpass.optimize`, every attention is one
   ``kvpass::attention`` / ``kvpass::latent_attention`` node in the dynamo graph.  The backend
   counts them (:data:`counters`) and hands the graph to inductor (``options={"inductor":
   False}``: run the captured graph as is).  Inductor keeps each kvpass op as one extern call,
   which dispatches to the generated Triton kernels on CUDA (the reference on CPU).
-- On a plain model with ``options={"policy": ...}`` it refuses with a clear message: rewriting
-  attention *inside* a dynamo graph (parameters arrive as placeholders, the cache layout
-  changes) is not implemented yet; ``kvpass.optimize(model, policy)`` first, then compile.
+- On a plain model with ``options={"policy": ...}`` it applies the policy *inside* the dynamo
+  graph (:func:`in_graph`): the graph's parameter placeholders are put back at their qualified
+  names (read from dynamo's sources), the graph is captured again as kvpass captures models
+  (aten ops, symbolic sizes; dynamo's ``nn_module_stack`` carries over, so sites get their
+  module names), sites are found there, and each rewritten core becomes a
+  :class:`~kvpass.lower.KVCore` with the passes' plans -- the same code path as
+  :func:`kvpass.optimize`, so cache-free outputs are equal.  Forms applied in the graph:
+  ``Full``, ``SharedKV`` (no calibration, no cross-layer), ``Window``, ``Sparse``, ``Quantize``
+  and their compositions; weights a pass changes are copies (the model is never touched).
+  Counters: ``sites``, ``rewritten`` and one per form kind.  Refused with a message pointing
+  to ``kvpass.optimize(model, policy)`` first: a graph that reads or fills a KV cache
+  (generation: the compressed cache needs kvpass's cache layers), MHC, calibration, and
+  cross-layer sharing (they need the module: calibration runs, a latent, another layer's cache).
+  A graph with integer inputs (dynamo's dynamic sizes) is rewritten once per set of sizes.
 
 Example:
     >>> import torch, kvpass
@@ -25,10 +34,16 @@ Example:
 from __future__ import annotations
 
 import collections
+import re
+import types
 
-from torch import fx
+import torch
+from torch import fx, nn
+from torch.fx import traceback as fx_traceback
 
+from . import graphutil as gu
 from .errors import KVPassError
+from .sites import AttentionSite
 
 __all__ = ["kvpass_backend", "register_backend", "counters", "KVPASS_OPS"]
 
@@ -55,7 +70,8 @@ def _attention_like(gm: fx.GraphModule) -> int:
 
 def kvpass_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     """Dynamo backend: see the module docstring.  ``options``: ``inductor`` (default True),
-    ``policy`` (refused on plain models, see above)."""
+    ``policy`` (a :class:`~kvpass.Policy`, a form or a list of forms), ``calibration``
+    (refused: in-graph policies use forms that need none)."""
     options = dict(options or {})
     unknown = set(options) - {"inductor", "policy", "calibration"}
     if unknown:
@@ -65,17 +81,247 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     counters["graphs"] += 1
     counters["attention_ops"] += sum("latent" not in str(n.target) for n in nodes)
     counters["latent_ops"] += sum("latent" in str(n.target) for n in nodes)
-    if options.get("policy") is not None and not nodes and _attention_like(gm):
-        raise KVPassError(
-            "backend='kvpass' got a policy for a model that kvpass has not rewritten: applying a "
-            "policy inside a dynamo graph is not implemented yet. Rewrite first, then compile: "
-            "fast = kvpass.optimize(model, policy); torch.compile(fast, backend='kvpass')")
+    policy = options.get("policy")
+    if policy is not None and not nodes and _attention_like(gm):
+        return in_graph(gm, example_inputs, policy, inductor=options.get("inductor", True),
+                        calibration=options.get("calibration"))
+    if policy is not None and nodes:
+        raise KVPassError("backend='kvpass' got a policy for a model kvpass has already rewritten; "
+                          "give the policy to one of them: optimize(model, policy) or the backend")
     if not options.get("inductor", True):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
     counters["inductor"] += 1
     return compile_fx(gm, example_inputs)
+
+
+# -- a policy applied inside the dynamo graph -------------------------------------------------
+
+_SEGMENT = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
+_ROOT = re.compile(r"^L\[[^\]]*\](?:\[\d+\])?\.?")
+
+
+def _state_name(node: fx.Node, value) -> str | None:
+    """``model.layers.0.self_attn.k_proj.weight`` for a placeholder dynamo lifted from a module's
+    parameter or buffer (read from the node's source), else None."""
+    arg = node.meta.get("grapharg")
+    src = getattr(getattr(arg, "source", None), "name", None)
+    src = src() if callable(src) else src
+    if not isinstance(src, str) or not isinstance(value, torch.Tensor):
+        return None
+    if "._parameters[" not in src and "._buffers[" not in src:
+        return None
+    parts = _SEGMENT.findall(src)
+    return ".".join(parts) if parts else None
+
+
+def _keep_index(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Positions of the dynamo graph's inputs that are not module state."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, (n, x) in enumerate(zip(phs, example_inputs)) if _state_name(n, x) is None]
+
+
+class _Replay(nn.Module):
+    """The dynamo graph as a module whose parameters sit at their qualified names: exporting it
+    gives kvpass's usual capture (aten ops, ``get_attr`` parameters, symbolic sizes), and the
+    dynamo graph's ``nn_module_stack`` carries over (``preserve_node_meta``), so sites are named
+    by their modules as in :func:`kvpass.optimize`."""
+
+    def __init__(self, gm: fx.GraphModule, state: dict[str, torch.Tensor], names: list[str]):
+        super().__init__()
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in gm.graph.nodes:
+            if n.op == "placeholder" and n.name in state:
+                env[n] = graph.get_attr(state[n.name][0])
+            else:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+            env[n].meta = dict(n.meta)
+            stack = n.meta.get("nn_module_stack")
+            if stack:
+                env[n].meta["nn_module_stack"] = {k: (_ROOT.sub("", p), t) for k, (p, t) in stack.items()}
+        for name, value in state.values():
+            path, _, leaf = name.rpartition(".")
+            owner = self
+            for part in path.split(".") if path else []:
+                if part not in owner._modules:
+                    owner.add_module(part, nn.Module())
+                owner = owner._modules[part]
+            if isinstance(value, nn.Parameter):
+                owner.register_parameter(leaf, value)
+            else:
+                owner.register_buffer(leaf, value)
+        self._graph = [fx.GraphModule(self, graph)]  # unregistered: the state stays at its names
+        self._names = names
+
+    def forward(self, **inputs):
+        owner = self
+
+        class Run(fx.Interpreter):  # state read from this module (export swaps in fake tensors)
+            def fetch_attr(self, target):
+                value = owner
+                for part in target.split("."):
+                    value = getattr(value, part)
+                return value
+
+        with fx_traceback.preserve_node_meta():
+            return Run(self._graph[0]).run(*[inputs[n] for n in self._names])
+
+
+def _reads_or_writes_cache(site: AttentionSite, env: dict) -> str | None:
+    """Why the captured attention is part of a KV cache's traffic, or None (cache-free)."""
+    n = site.nodes
+    q, k = env.get(n.q), env.get(n.k_pre)
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and k.shape[-2] != q.shape[-2]:
+        return (f"its keys hold {k.shape[-2]} positions for {q.shape[-2]} queries: the graph reads "
+                "a KV cache")
+    outputs = set(gu.tensor_args(n.captured.graph.output_node()))
+    for start in (n.k_pre, n.v_pre):
+        seen, todo = set(), [start]
+        while todo:
+            cur = todo.pop()
+            if cur in outputs:
+                return "the graph returns its keys/values (a KV cache is being filled)"
+            for user in cur.users:
+                if user not in seen and (gu.is_movement(user) or user.op == "output"):
+                    seen.add(user)
+                    todo.append(user)
+            outputs_here = [u for u in cur.users if u.op == "output"]
+            if outputs_here:
+                return "the graph returns its keys/values (a KV cache is being filled)"
+    return None
+
+
+IN_GRAPH_FORMS = ("full", "shared_kv", "window", "sparse", "quantize")
+
+
+def in_graph(gm: fx.GraphModule, example_inputs, policy, *, inductor: bool = True, calibration=None):
+    """The compiled function for a dynamo graph of a plain model with ``policy`` applied.
+
+    The graph's module state is split from its inputs; the rest is rewritten by
+    :func:`apply_policy`.  A graph with integer inputs (dynamo's dynamic sizes) is rewritten
+    once per distinct set of sizes (export specialises integers)."""
+    if calibration is not None:
+        raise KVPassError("backend='kvpass': calibration inside the graph is not supported; forms "
+                          "that calibrate need the module: fast = kvpass.optimize(model, policy, "
+                          "calibration=...); torch.compile(fast, backend='kvpass')")
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state = {n.name: (name, x) for n, x in zip(phs, example_inputs)
+             if (name := _state_name(n, x)) is not None}
+    keep = _keep_index(gm, example_inputs)
+    names = [phs[i].name for i in keep]
+    built: dict[tuple, object] = {}
+
+    def build(inputs: list):
+        graph = apply_policy(gm, state, names, inputs, policy)
+        if not inductor:
+            return graph
+        from torch._inductor.compile_fx import compile_fx
+
+        counters["inductor"] += 1
+        return compile_fx(graph, inputs)
+
+    def key(inputs):
+        return tuple(int(x) for x in inputs if not isinstance(x, torch.Tensor))
+
+    first = [_concrete(example_inputs[i]) for i in keep]
+    built[key(first)] = build(first)
+
+    def run(*args):
+        inputs = [args[i] for i in keep]
+        k = key(inputs)
+        if k not in built:
+            built[k] = build([_concrete(x) for x in inputs])
+        out = built[k](*inputs)
+        return tuple(out) if isinstance(out, list) else out
+
+    return run
+
+
+def _concrete(x):
+    return x if isinstance(x, torch.Tensor) else int(x)
+
+
+def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list, policy) -> fx.GraphModule:
+    """Rewrite the attention sites of dynamo graph ``gm`` (a plain model) per ``policy``.
+
+    ``state``: placeholder name -> (qualified name, tensor) for the module's parameters and
+    buffers; ``names``/``inputs``: the other placeholders and sample values.  The graph is
+    captured again as kvpass captures models (aten ops, parameters as ``get_attr``), sites are
+    found in it and each rewritten one's core becomes a :class:`~kvpass.lower.KVCore` with the
+    pass plans, exactly as :func:`kvpass.optimize` would (cache-free).  Returns the rewritten
+    module over ``inputs``.  Weights a pass changes are copies: the model is never touched.
+    """
+    from .api import Report, _choose, _in_order
+    from .capture import capture_call
+    from .lower import CoreSpec, KVCore, replace_cores
+    from .passes import PASSES, PassContext, needs_calibration
+    from .policy import Full, Policy
+    from .sites import find_sites_in
+
+    policy = Policy.of(policy)
+    replay = _Replay(gm, state, names)
+    # a capture of its own: the export must not add guards to the frame dynamo is compiling
+    with torch.no_grad(), torch._guards.tracing(None), torch._guards.compile_context(None):
+        cap = capture_call(replay, dict(zip(names, inputs)))
+    sites = find_sites_in(cap)
+    report = Report(sites)
+    chosen = _choose(sites, policy, report)
+    swaps, weights = [], None
+    for i, site in enumerate(sites):
+        forms = chosen.get(site.name)
+        if forms is None or forms == (Full(),):
+            continue
+        bad = [f for f in forms if f.kind not in IN_GRAPH_FORMS or needs_calibration(f)
+               or getattr(f, "cross_layer", 1) != 1]
+        if bad:
+            raise KVPassError(
+                f"{site.name}: backend='kvpass' applies {', '.join(IN_GRAPH_FORMS)} (no calibration, "
+                f"no cross-layer sharing) inside the graph; {bad[0]!r} needs the module itself. "
+                "Rewrite first: fast = kvpass.optimize(model, policy, calibration=...); "
+                "torch.compile(fast, backend='kvpass')")
+        why = _reads_or_writes_cache(site, cap.env)
+        if why:
+            raise KVPassError(
+                f"{site.name}: backend='kvpass' cannot apply {list(forms)} in this graph: {why}, and "
+                "the policy stores the cache in another layout. Compile a cache-free forward "
+                "(use_cache=False), or for generation rewrite first: fast = kvpass.optimize(model, "
+                "policy); torch.compile(fast, backend='kvpass')")
+        core = KVCore(CoreSpec.of(site), forms, site.layer)
+        if weights is None:
+            weights = _copied_weights(cap.module, sites, chosen)
+        ctx = PassContext(weights)
+        att = types.SimpleNamespace(kv_core=core)
+        for form in _in_order(forms):
+            core.plan = PASSES[form.kind](att, site, form, ctx)
+            counters[form.kind] += 1
+        swaps.append((site, core, f"kv_core_{i}"))
+    counters["sites"] += len(sites)
+    counters["rewritten"] += len(swaps)
+    return replace_cores(cap, swaps) if swaps else cap.module
+
+
+def _copied_weights(gm: fx.GraphModule, sites, chosen) -> dict:
+    """The captured module's parameters by site name; those of layers whose forms change weights
+    (shared KV) are replaced by copies first, so the source model stays as it was."""
+    from .graphutil import ROOT
+
+    for site in sites:
+        if not any(f.kind == "shared_kv" for f in chosen.get(site.name, ())):
+            continue
+        for proj in (site.q_proj, site.k_proj, site.v_proj, site.o_proj):
+            for name in (proj.weight, proj.bias) if proj is not None else ():
+                if name is None:
+                    continue
+                path, _, leaf = f"{ROOT}.{name}".rpartition(".")
+                owner = gm.get_submodule(path)
+                old = getattr(owner, leaf)
+                if isinstance(old, nn.Parameter):
+                    owner.register_parameter(leaf, nn.Parameter(old.detach().clone(), old.requires_grad))
+                else:
+                    owner.register_buffer(leaf, old.detach().clone())
+    return {gu.fqn(k): v for k, v in gm.named_parameters(remove_duplicate=False)}
 
 
 def register_backend() -> None:

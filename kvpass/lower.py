@@ -548,18 +548,26 @@ def lower_site(model: nn.Module, site: AttentionSite, call: dict, forms: tuple[F
 
 
 def _rewrite(cap: Captured, site: AttentionSite, core: KVCore) -> fx.GraphModule:
-    gm, n = cap.module, site.nodes
-    gm.add_submodule("kv_core", core)
+    return replace_cores(cap, [(site, core, "kv_core")])
+
+
+def replace_cores(cap: Captured, swaps: list[tuple[AttentionSite, KVCore, str]]) -> fx.GraphModule:
+    """Replace each site's attention core in ``cap``'s graph by a call of its KVCore
+    (registered as submodule ``name``) on ``(q, k_pre, v_pre, mask)``; returns the module."""
+    gm = cap.module
     g = gm.graph
-    with g.inserting_before(n.out):
-        new = g.call_module("kv_core", (n.q, n.k_pre, n.v_pre, n.mask))
-    new.meta = dict(n.out.meta)
-    n.out.replace_all_uses_with(new)
-    out = g.output_node()
-    out.args = fx.node.map_arg(out.args, lambda a: None if a in n.inner else a)
-    for node in reversed(list(g.nodes)):  # the old core (DCE keeps SDPA: it may be random)
-        if node in n.inner and not node.users:
-            g.erase_node(node)
+    for site, core, name in swaps:
+        n = site.nodes
+        gm.add_submodule(name, core)
+        with g.inserting_before(n.out):
+            new = g.call_module(name, (n.q, n.k_pre, n.v_pre, n.mask))
+        new.meta = dict(n.out.meta)
+        n.out.replace_all_uses_with(new)
+        out = g.output_node()
+        out.args = fx.node.map_arg(out.args, lambda a, inner=n.inner: None if a in inner else a)
+        for node in reversed(list(g.nodes)):  # the old core (DCE keeps SDPA: it may be random)
+            if node in n.inner and not node.users:
+                g.erase_node(node)
     g.eliminate_dead_code()
     g.lint()
     for node in g.nodes:  # fake-tensor metadata is not needed to run, and can't be deep-copied

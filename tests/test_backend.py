@@ -1,6 +1,7 @@
 """torch.compile(backend="kvpass"): found through the entry point in a fresh process, one
 graph with one kvpass attention node per layer (prefill and a cached decode step, fullgraph),
-outputs equal to the eager optimised model, and a clear refusal for a policy on a plain model."""
+outputs equal to the eager optimised model; a policy applied inside the dynamo graph of a plain
+model equals optimize(), with clear refusals where the graph cannot hold the form."""
 
 import subprocess
 import sys
@@ -60,12 +61,90 @@ def test_compiled_decode_step_fullgraph(models):
     assert c1.get_seq_length() == 11
 
 
-def test_policy_on_a_plain_model_is_refused(models):
+IN_GRAPH = {
+    "shared_kv": kvpass.SharedKV(kv_heads=1),
+    "window": kvpass.Window(4, sinks=1),
+    "shared_kv+window": [kvpass.SharedKV(kv_heads=1), kvpass.Window(4, sinks=1)],
+    "sparse": kvpass.Sparse(block=2, local=2, global_tokens=2),
+    "quantize": kvpass.Quantize(bits=4, group=4),
+    "sparse+quantize": [kvpass.Sparse(block=4, local=1, global_tokens=4, random=1), kvpass.Quantize(bits=2, group=4)],
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "handwritten_fused"])
+@pytest.mark.parametrize("name", list(IN_GRAPH))
+def test_policy_inside_the_graph_equals_optimize(family, name):
+    """The backend finds the sites in the dynamo graph of a *plain* model and applies the policy
+    there: outputs equal optimize(model, policy), the model is untouched, counters count."""
+    model = fam.build(family)
+    policy = IN_GRAPH[name]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(1, fam.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    kw = {"use_cache": False} if family == "llama" else {}
+    comp = torch.compile(model, backend="kvpass", options={"policy": policy, "inductor": False})
+    with torch.no_grad():
+        got, want, orig = (m(ids, **kw) for m in (comp, kvpass.optimize(model, policy), model))
+    got, want, orig = (getattr(x, "logits", x) for x in (got, want, orig))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - orig).abs().max() > 1e-3  # the rewrite took effect
+    kinds = [f.kind for f in kvpass.Policy.of(policy).default]
+    assert counters["sites"] == 2 and counters["rewritten"] == 2
+    assert all(counters[k] == 2 for k in kinds)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_policy_inside_the_graph_with_padding_and_new_lengths(models):
+    model, _ = models
+    policy = [kvpass.SharedKV(kv_heads=1), kvpass.Window(4, sinks=1)]
+    fast = kvpass.optimize(model, policy)
+    torch._dynamo.reset()
+    counters.clear()
+    comp = torch.compile(model, backend="kvpass", options={"policy": policy, "inductor": False})
+    for n in (11, 7, 13):  # the second length makes dynamo compile a dynamic graph
+        ids = torch.randint(1, fam.VOCAB, (2, n), generator=torch.Generator().manual_seed(n))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with torch.no_grad():
+            got = comp(ids, attention_mask=mask, use_cache=False).logits
+            want = fast(ids, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=1e-4)
+    assert counters["rewritten"] >= 4
+
+
+def test_policy_inside_the_graph_through_inductor(models):
+    model, _ = models
+    policy = kvpass.Window(4, sinks=1)
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(1, fam.VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    comp = torch.compile(model, backend="kvpass", options={"policy": policy})
+    with torch.no_grad():
+        got = comp(ids, use_cache=False).logits
+        want = kvpass.optimize(model, policy)(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert counters["inductor"] == 1 and counters["window"] == 2
+
+
+@pytest.mark.parametrize("case", ["cache", "mhc", "calibration", "cross_layer"])
+def test_policy_inside_the_graph_refusals(models, case):
+    """Generation with a compressed cache, and forms that need the module (calibration, a
+    latent, cross-layer caches): one clear message pointing to optimize() first."""
     model, _ = models
     torch._dynamo.reset()
-    comp = torch.compile(model, backend="kvpass", options={"policy": kvpass.SharedKV(kv_heads=1)})
-    with pytest.raises(Exception, match=r"kvpass.optimize\(model, policy\)"):
-        comp(torch.randint(1, fam.VOCAB, (1, 5)))
+    ids = torch.randint(1, fam.VOCAB, (1, 5))
+    policy, opts, kw, match = {
+        "cache": (kvpass.Window(4, sinks=1), {}, {"use_cache": True}, "KV cache is being filled"),
+        "mhc": (kvpass.MHC(ratio=2), {}, {"use_cache": False}, "needs the module itself"),
+        "calibration": (kvpass.Window(4), {"calibration": "some text"}, {"use_cache": False},
+                        "calibration inside the graph"),
+        "cross_layer": (kvpass.SharedKV(cross_layer=2), {}, {"use_cache": False}, "needs the module itself"),
+    }[case]
+    comp = torch.compile(model, backend="kvpass", options={"policy": policy, "inductor": False, **opts})
+    with pytest.raises(Exception, match=match) as err, torch.no_grad():
+        comp(ids, **kw)
+    assert r"kvpass.optimize(model, policy" in str(err.value)
 
 
 def test_unknown_option_is_refused(models):
