@@ -143,17 +143,37 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     mask = kw.get("mask")
     if kw.get("softcap") is not None or (mask is not None and mask.dtype != torch.bool):
         return attention(q, k, v, **kw)
-    k, v, q_pos, k_pos = _expand(q, k, v, kw.get("kv_head_map"), kw.get("q_pos"), kw.get("k_pos"))
+    H, Hkv = q.shape[1], k.shape[1]
+    grouped = Hkv != H and _grouped(kw.get("kv_head_map"), H, Hkv)
+    if grouped:  # SDPA reads each KV head for its query group itself: no repeated copies
+        q_pos, k_pos = kw.get("q_pos"), kw.get("k_pos")
+        if q_pos is None or k_pos is None:
+            dq, dk = default_positions(q.shape[0], q.shape[2], k.shape[2], q.device)
+            q_pos, k_pos = (dq if q_pos is None else q_pos), (dk if k_pos is None else k_pos)
+    else:
+        k, v, q_pos, k_pos = _expand(q, k, v, kw.get("kv_head_map"), kw.get("q_pos"), kw.get("k_pos"))
     vis = visibility(q_pos, k_pos, causal=kw.get("causal", False), window=kw.get("window"),
                      sinks=kw.get("sinks", 0), block_mask=kw.get("block_mask"), block=kw.get("block"))
     if mask is not None:
         vis = vis & mask
+    scale = kw.get("scale")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if bool(vis.all()):  # e.g. a decode step over a full cache: the unmasked kernel is faster
+        return sdpa(q, k, v, scale=scale, enable_gqa=grouped)
     anyvis = vis.any(-1, keepdim=True)  # [B, 1|H, Sq, 1]
     vis = vis | ~anyvis  # SDPA gives NaN for empty rows: let them see all, then zero them
-    scale = kw.get("scale")
-    out = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=vis,
-                                                           scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    out = sdpa(q, k, v, attn_mask=vis, scale=scale, enable_gqa=grouped)
     return out.masked_fill(~anyvis, 0.0)
+
+
+def _grouped(kv_head_map, H: int, Hkv: int) -> bool:
+    """Whether query head h reads KV head h // (H / Hkv) (SDPA's ``enable_gqa`` layout)."""
+    if H % Hkv:
+        return False
+    g = H // Hkv
+    return kv_head_map is None or all(int(m) == h // g for h, m in enumerate(kv_head_map))
 
 
 def _expand(q: Tensor, k: Tensor, v: Tensor, kv_head_map, q_pos, k_pos):

@@ -291,16 +291,19 @@ def test_retarget_equals_optimize():
 @settings(max_examples=40, deadline=None)
 @given(sq=st.integers(1, 20), sk=st.integers(1, 30), w=st.one_of(st.none(), st.integers(1, 8)), s=st.integers(0, 3),
        blk=st.one_of(st.none(), st.sampled_from([2, 4])), causal=st.booleans(), with_mask=st.booleans(),
-       data=st.data())
-def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, data):
+       hmap=st.sampled_from([(1, 0, 0, 1), (0, 0, 1, 1), None]), positions=st.booleans(), data=st.data())
+def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, hmap, positions, data):
     """The CPU path (torch SDPA with the visibility as a bool mask) == the reference, including
-    empty slots, padded queries and rows that see nothing."""
+    empty slots, padded queries and rows that see nothing; grouped head maps go through SDPA's
+    GQA (no repeated K/V), all-visible rows through the unmasked kernel."""
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     q, k, v = torch.randn(2, 4, sq, 16, generator=g), torch.randn(2, 2, sk, 16, generator=g), torch.randn(2, 2, sk, 16,
                                                                                                           generator=g)
     k_pos = torch.randint(-1, 40, (2, sk), generator=g)
     q_pos = torch.randint(-1, 40, (2, sq), generator=g)
-    kw = dict(kv_head_map=(1, 0, 0, 1), scale=0.3, causal=causal, q_pos=q_pos, k_pos=k_pos, window=w, sinks=s)
+    kw = dict(kv_head_map=hmap, scale=0.3, causal=causal, window=w, sinks=s)
+    if positions:
+        kw.update(q_pos=q_pos, k_pos=k_pos)
     if blk:
         kw.update(block=blk, block_mask=torch.randint(0, 3, (40 // blk + 1, 40 // blk + 1), generator=g).to(torch.int8))
     if with_mask:
