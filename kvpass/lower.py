@@ -341,7 +341,8 @@ class KVCore(nn.Module):
         table, block = self._block_table(limit, q.device)
         args = dict(window=plan.window, sinks=plan.sinks, block=block)
         if hats is not None:  # quantized storage: the reference picks full / quantized per pair
-            return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
+            ref = reference.attention if torch.is_grad_enabled() and q.requires_grad else reference.attention_sdpa
+            return ref(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
                                        softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table,
                                        k_hat=hats[0], v_hat=hats[1], quant=plan.quant, **args)
         spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,

@@ -63,9 +63,8 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     per = 8 // bits
     if per == 1:
         return packed
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
-    return c.flatten(-2).to(torch.uint8)
+    low = (1 << bits) - 1  # one plain op per code in the byte: faster on CPU than a broadcast shift
+    return torch.stack([(packed >> (i * bits)) & low if i else packed & low for i in range(per)], -1).flatten(-2)
 
 
 class QTensor(NamedTuple):
@@ -129,17 +128,27 @@ def quantize(x: Tensor, bits: int, group: int, axis: str) -> QTensor:
     return QTensor(pack(codes, bits), scale, zero, bits, group, axis)
 
 
-def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``code · scale + zero`` in fp32, returned in ``dtype`` (default: the scale's dtype)."""
+def dequantize(q: QTensor, dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
+    """``code · scale + zero`` in fp32, returned in ``dtype`` (default: the scale's dtype).
+    ``out``: an fp32 tensor of the result's shape to write into (e.g. a slice of a larger one)."""
     codes = unpack(q.codes, q.bits).float()
     scale, zero = q.scale.float(), q.zero.float()
-    if q.axis == "token":
-        scale = scale.repeat_interleave(q.group, dim=-1)
-        zero = zero.repeat_interleave(q.group, dim=-1)
+    shape = codes.shape
+    if codes.numel() == 0:
+        empty = codes.to(dtype or q.scale.dtype)
+        return empty if out is None else out
+    if q.axis == "token":  # groups as a broadcast axis (no repeated scale copies)
+        codes = codes.unflatten(-1, (-1, q.group))
+        scale, zero = scale[..., None], zero[..., None]
     else:
-        scale = scale.repeat_interleave(q.group, dim=-2)
-        zero = zero.repeat_interleave(q.group, dim=-2)
-    return (codes * scale + zero).to(dtype or q.scale.dtype)
+        codes = codes.unflatten(-2, (-1, q.group))
+        scale, zero = scale[..., None, :], zero[..., None, :]
+    if out is not None:
+        torch.addcmul(zero, codes, scale, out=out.view(codes.shape) if out.is_contiguous() else
+                      out.unflatten(-1 if q.axis == "token" else -2, codes.shape[-2:] if q.axis == "token"
+                                    else codes.shape[-3:-1]))
+        return out
+    return torch.addcmul(zero, codes, scale).reshape(shape).to(dtype or q.scale.dtype)
 
 
 @dataclass(frozen=True)

@@ -137,12 +137,27 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     as a bool mask.
 
     The same meaning (tests hold it to :func:`attention`), several times faster on CPU for long
-    sequences (no fp32 score copies).  Softcap and additive masks are not expressible this way:
+    sequences (no fp32 score copies).  Quantized storage (``k_hat``/``v_hat``/``quant``): every
+    key and value is given twice, quantized and in full precision, and each query's mask keeps
+    the one the rule says it sees.  Softcap and additive masks are not expressible this way:
     :func:`attention` runs then.
     """
     mask = kw.get("mask")
     if kw.get("softcap") is not None or (mask is not None and mask.dtype != torch.bool):
         return attention(q, k, v, **kw)
+    k_hat, v_hat, quant = kw.pop("k_hat", None), kw.pop("v_hat", None), kw.pop("quant", None)
+    sel = None
+    if k_hat is not None:  # each key twice, quantized then full precision; each query sees one
+        q_pos, k_pos = kw.get("q_pos"), kw.get("k_pos")
+        if q_pos is None or k_pos is None:
+            dq, dk = default_positions(q.shape[0], q.shape[2], k.shape[2], q.device)
+            q_pos, k_pos = (dq if q_pos is None else q_pos), (dk if k_pos is None else k_pos)
+        sel = quant.hat_mask(q_pos, k_pos)  # [B, 1, Sq, Sk]
+        sel = torch.cat([sel, ~sel], -1)
+        k, v = torch.cat([k_hat.to(k.dtype), k], 2), torch.cat([v_hat.to(v.dtype), v], 2)
+        kw = dict(kw, q_pos=q_pos, k_pos=torch.cat([k_pos, k_pos], 1))
+        if mask is not None:
+            mask = torch.cat([mask, mask], -1)
     H, Hkv = q.shape[1], k.shape[1]
     grouped = Hkv != H and _grouped(kw.get("kv_head_map"), H, Hkv)
     if grouped:  # SDPA reads each KV head for its query group itself: no repeated copies
@@ -156,6 +171,8 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
                      sinks=kw.get("sinks", 0), block_mask=kw.get("block_mask"), block=kw.get("block"))
     if mask is not None:
         vis = vis & mask
+    if sel is not None:
+        vis = vis & sel
     scale = kw.get("scale")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     sdpa = torch.nn.functional.scaled_dot_product_attention

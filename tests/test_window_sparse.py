@@ -291,8 +291,10 @@ def test_retarget_equals_optimize():
 @settings(max_examples=40, deadline=None)
 @given(sq=st.integers(1, 20), sk=st.integers(1, 30), w=st.one_of(st.none(), st.integers(1, 8)), s=st.integers(0, 3),
        blk=st.one_of(st.none(), st.sampled_from([2, 4])), causal=st.booleans(), with_mask=st.booleans(),
-       hmap=st.sampled_from([(1, 0, 0, 1), (0, 0, 1, 1), None]), positions=st.booleans(), data=st.data())
-def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, hmap, positions, data):
+       hmap=st.sampled_from([(1, 0, 0, 1), (0, 0, 1, 1), None]), positions=st.booleans(),
+       quant=st.one_of(st.none(), st.tuples(st.sampled_from([1, 2, 4]), st.sampled_from(["channel", "token"]),
+                                            st.integers(0, 3))), data=st.data())
+def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, hmap, positions, quant, data):
     """The CPU path (torch SDPA with the visibility as a bool mask) == the reference, including
     empty slots, padded queries and rows that see nothing; grouped head maps go through SDPA's
     GQA (no repeated K/V), all-visible rows through the unmasked kernel."""
@@ -308,6 +310,12 @@ def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, hm
         kw.update(block=blk, block_mask=torch.randint(0, 3, (40 // blk + 1, 40 // blk + 1), generator=g).to(torch.int8))
     if with_mask:
         kw["mask"] = torch.rand(2, 1, sq, sk, generator=g) > 0.3
+    if quant:  # quantized storage: each pair reads the quantized or the full-precision key
+        from kvpass.quant import QuantRule
+
+        group, axis, residual = quant
+        kw.update(k_hat=k + torch.randn(k.shape, generator=g), v_hat=v + torch.randn(v.shape, generator=g),
+                  quant=QuantRule(bits=4, group=group, keys=axis, residual=residual))
     want = reference.attention(q, k, v, **kw)
     got = reference.attention_sdpa(q, k, v, **kw)
     assert torch.isfinite(got).all()

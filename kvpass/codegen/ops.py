@@ -472,18 +472,25 @@ def _quant_reference(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, q_pos, k_pos, bloc
     qz = spec.quant
     dt = _TORCH_DTYPE[spec.dtype]
 
-    def deq(codes, scale, zero, axis):
+    def deq(codes, scale, zero, axis, rest):  # the store, then the residual, in one buffer
         g = qz["group"] if axis == "token" else qz["unit"]
-        return dequantize(QTensor(codes, scale, zero, qz["bits"], g, axis), dt)
+        qt = QTensor(codes, scale, zero, qz["bits"], g, axis)
+        n = codes.shape[2]
+        if dt != torch.float32:
+            return torch.cat([dequantize(qt, dt), rest.to(dt)], 2)
+        buf = torch.empty(*rest.shape[:2], n + rest.shape[2], codes.shape[3] * 8 // qz["bits"], device=rest.device)
+        dequantize(qt, out=buf[:, :, :n])
+        buf[:, :, n:] = rest
+        return buf
 
-    k = torch.cat([deq(kc, ks, kz, qz["keys"]), rk.to(dt)], 2)
+    k = deq(kc, ks, kz, qz["keys"], rk)
     kp = torch.cat([k_pos, rpos], 1)
     base = spec.replace(extra={})
     if spec.latent is not None:
         w = LatentWeights(*latent)
         kk, vv = reference.latent_keys_values(k, kp, w, spec.latent["norm_eps"])
         return _reference(q, kk, vv, base, q_pos, kp, None, block_mask)
-    v = torch.cat([deq(vc, vs, vz, qz["values"]), rv.to(dt)], 2)
+    v = deq(vc, vs, vz, qz["values"], rv)
     return _reference(q, k, v, base, q_pos, kp, None, block_mask)
 
 
