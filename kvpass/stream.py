@@ -22,7 +22,9 @@ must hold the layer index as its one numeric segment.  When something does not f
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,11 +108,13 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 
 class _Reader:
-    """Tensors by name from the source shards (files opened lazily, one at a time)."""
+    """Tensors by name from the source shards (files opened lazily, one at a time), and where
+    each tensor's bytes lie (for copying them through undecoded)."""
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
         self._open: tuple[Path, object] | None = None
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -120,12 +124,91 @@ class _Reader:
             self._open = (f, safe_open(str(f), "pt"))
         return self._open[1].get_tensor(name)
 
+    def raw(self, name: str) -> _Raw:
+        f = self.files[name]
+        if f not in self._headers:
+            with open(f, "rb") as h:
+                n = struct.unpack("<Q", h.read(8))[0]
+                self._headers[f] = (8 + n, json.loads(h.read(n)))
+        start, header = self._headers[f]
+        e = header[name]
+        b, end = e["data_offsets"]
+        return _Raw(f, e["dtype"], tuple(e["shape"]), start + b, end - b)
+
+
+@dataclass
+class _Raw:
+    """A tensor's bytes in a safetensors file, copied to the output without decoding."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_shard(path: Path, entries: dict[str, torch.Tensor | _Raw]) -> None:
+    """Write a safetensors file from tensors and undecoded byte ranges of other safetensors files.
+
+    The format: an 8-byte little-endian header size, a JSON header (names -> dtype, shape, data
+    offsets; padded with spaces to 8 bytes), then the data.  Byte ranges are copied file to
+    file by the kernel (``os.copy_file_range``), never through Python objects: copying a
+    layer's MLP through costs no decode and no re-encode.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    items = []
+    for name, e in entries.items():
+        if isinstance(e, torch.Tensor):
+            e = e.detach().contiguous().cpu()
+            dt, shape, size = _ST_DTYPES[e.dtype], tuple(e.shape), e.numel() * e.element_size()
+        else:
+            dt, shape, size = e.dtype, e.shape, e.size
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        items.append(e)
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for e in items:
+            if isinstance(e, torch.Tensor):
+                if e.numel():
+                    out.write(memoryview(e.view(torch.uint8).numpy()))
+                continue
+            out.flush()
+            with open(e.path, "rb") as src:
+                left, pos = e.size, e.offset
+                while left:
+                    n = _copy_range(src, out, left, pos)
+                    left, pos = left - n, pos + n
+
+
+def _copy_range(src, out, count: int, offset: int) -> int:
+    try:
+        n = os.copy_file_range(src.fileno(), out.fileno(), min(count, 1 << 30), offset)
+        if n > 0:
+            out.seek(0, os.SEEK_END)
+            return n
+    except (AttributeError, OSError):
+        pass
+    src.seek(offset)  # no kernel copy here (other OS / filesystem): read and write
+    data = src.read(min(count, 1 << 26))
+    if not data:
+        raise KVPassError(f"{src.name}: truncated (expected {count} more bytes at offset {offset})")
+    out.write(data)
+    return len(data)
+
 
 def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, dtype: torch.dtype,
                    native: bool, source: dict, tokenizer, progress: bool = True) -> dict:
     """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes)."""
     import transformers as tf
-    from safetensors.torch import save_file
 
     from .api import kv_bytes_per_token, optimize
     from .rewrite import native_shared_kv, window_changes
@@ -162,9 +245,15 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
     native_kv = None  # stored heads of a native fewer-KV-heads output (None: not native)
     t0 = time.perf_counter()
     with staged(out) as tmp:
-        rest = {k: reader.get(k).to(dtype) for k in files if not per_layer.match(k)}
+        target = _ST_DTYPES.get(dtype)
+
+        def through(k: str):  # a tensor copied through: its bytes when the dtype stays
+            raw = reader.raw(k)
+            return raw if raw.dtype == target else reader.get(k).to(dtype)
+
+        rest = {k: through(k) for k in files if not per_layer.match(k)}
         name = shard.format(1, n + 1)
-        save_file(rest, str(tmp / name), metadata={"format": "pt"})
+        write_shard(tmp / name, rest)
         weight_map.update(dict.fromkeys(rest, name))
         del rest
         for i in tqdm(range(n), desc="kvpass: rewriting layers (streaming)", disable=not progress):
@@ -191,10 +280,9 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
                    for k, v in state.items() if k.startswith(site.name + ".")}
             structural[i] = [_structural(f, att) for f in att.kv_core.forms]
             prefix = f"{layer_root}.{i}."
-            other = {k: reader.get(k).to(dtype) for k in files
-                     if k.startswith(prefix) and not k.startswith(real + ".")}
+            other = {k: through(k) for k in files if k.startswith(prefix) and not k.startswith(real + ".")}
             name = shard.format(i + 2, n + 1)
-            save_file({**other, **new}, str(tmp / name), metadata={"format": "pt"})
+            write_shard(tmp / name, {**other, **new})
             weight_map.update(dict.fromkeys([*other, *new], name))
             del fast, att, state, new, other
         config = dict(sp.config)

@@ -197,3 +197,30 @@ def test_policy_shorthand_and_errors():
         parse_policy("windw:size=3")
     with pytest.raises(kvpass.PolicyError, match="key=value"):
         parse_policy("window:64")
+
+
+def test_shard_writer_copies_tensors_through_undecoded(tmp_path):
+    """write_shard mixes new tensors and byte ranges of another safetensors file; what it writes
+    reads back (safetensors itself) as the same tensors; a truncated source is an error."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kvpass.stream import _Reader, write_shard
+
+    g = torch.Generator().manual_seed(0)
+    src = {"a": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g),
+           "c": torch.arange(6).view(2, 3), "d": torch.zeros(0, 4, dtype=torch.float16)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    reader = _Reader(dict.fromkeys(src, tmp_path / "src.safetensors"))
+    new = {"n": torch.randn(2, 3, generator=g).to(torch.bfloat16), "m": torch.ones(1, dtype=torch.int8)}
+    write_shard(tmp_path / "out.safetensors", {**{k: reader.raw(k) for k in src}, **new})
+    assert (tmp_path / "out.safetensors").read_bytes()[:8] != b""
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as h:
+        assert sorted(h.keys()) == sorted([*src, *new])
+        for k, v in {**src, **new}.items():
+            assert torch.equal(h.get_tensor(k), v) and h.get_tensor(k).dtype == v.dtype
+    data = (tmp_path / "src.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:8 + int.from_bytes(data[:8], "little") + 8])
+    cut = _Reader(dict.fromkeys(src, tmp_path / "cut.safetensors"))
+    with pytest.raises(kvpass.KVPassError, match="truncated"):
+        write_shard(tmp_path / "bad.safetensors", {k: cut.raw(k) for k in src})
