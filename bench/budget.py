@@ -53,22 +53,31 @@ def main() -> None:
     ap.add_argument("--speed-contexts", type=int, nargs="*", default=[512, 2048, 8192])
     ap.add_argument("--only-budget", action="store_true", help="skip the uniform baselines")
     ap.add_argument("--uniform", nargs="*", default=None, help="substrings of the uniform rows to run (default all)")
+    ap.add_argument("--policy-from", type=Path, default=None,
+                    help="reuse the searched policy of an earlier run's JSON instead of searching again")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = models.load(args.model)
-    t0 = time.time()
-    budget = kvpass.Policy.budget(model, args.ratio, context=args.kv_context, tokenizer=tok, dtype=torch.bfloat16)
-    search_s = round(time.time() - t0, 1)
-    print(budget.explanation.table(), f"\n({search_s} s)", flush=True)
+    if args.policy_from:  # the searched policy of an earlier run (the search is deterministic)
+        old = json.loads(args.policy_from.read_text())
+        row = next(r for r in old["rows"] if "budget" in r["label"])
+        budget = kvpass.Policy.from_dict(row["policy"])
+        search = {k: old["settings"][k] for k in ("search_seconds", "budget_layers", "budget_bytes", "budget_limit")}
+        search["policy_from"] = str(args.policy_from)
+    else:
+        t0 = time.time()
+        budget = kvpass.Policy.budget(model, args.ratio, context=args.kv_context, tokenizer=tok, dtype=torch.bfloat16)
+        search = dict(search_seconds=round(time.time() - t0, 1), budget_layers=budget.explanation.rows,
+                      budget_bytes=budget.explanation.bytes, budget_limit=budget.explanation.budget)
+        print(budget.explanation.table(), f"\n({search['search_seconds']} s)", flush=True)
     policies = {f"budget {args.ratio:g}x (searched)": budget}
     if not args.only_budget:
         policies.update({k: v for k, v in uniform(model, args.kv_context, args.ratio).items()
                          if args.uniform is None or any(s in k for s in args.uniform)})
-    extra = dict(model=args.model, budget_ratio=args.ratio, budget_dtype="bfloat16", search_seconds=search_s,
-                 budget_layers=budget.explanation.rows, budget_bytes=budget.explanation.bytes,
-                 budget_limit=budget.explanation.budget, command=" ".join(["python", *sys.argv]))
+    extra = dict(model=args.model, budget_ratio=args.ratio, budget_dtype="bfloat16", **search,
+                 command=" ".join(["python", *sys.argv]))
 
     def partial(ev):
         ev.settings.update(extra)

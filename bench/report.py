@@ -104,10 +104,17 @@ def rows() -> list[dict]:
     if d:
         base = d["rows"][0]
         n = str(max((int(k) for k in base.get("speed") or {}), default=0))
+        speeds = _load("decode_speed_smollm2.json")  # bench/decode_speed.py: the same policies
+        far, measured = 0, {}
+        if speeds:
+            far = max(r["context"] for r in speeds["rows"])
+            measured = {r["label"]: r["speedup"] for r in speeds["rows"] if r["context"] == far}
         for r in d["rows"][1:]:
-            sp = None
+            sp, where = None, f", decode @{n}" if n != "0" else ""
             if n in r.get("speed", {}) and n in base.get("speed", {}):
                 sp = r["speed"][n]["tokens_per_s"] / base["speed"][n]["tokens_per_s"]
+            elif r["label"] in measured:
+                sp, where = measured[r["label"]], f", decode @{far} (bench/decode_speed.py)"
             out.append(
                 _row(
                     r["label"],
@@ -116,8 +123,7 @@ def rows() -> list[dict]:
                     r.get("passkey_retained"),
                     sp,
                     "python bench/budget.py",
-                    f"ppl {d['settings']['context']} tok, bf16 cache @{d['settings']['kv_context']}"
-                    + (f", decode @{n}" if n != "0" else ""),
+                    f"ppl {d['settings']['context']} tok, bf16 cache @{d['settings']['kv_context']}" + where,
                 )
             )
     return out

@@ -16,12 +16,14 @@ and through :func:`register_backend`.
   module names), sites are found there, and each rewritten core becomes a
   :class:`~kvpass.lower.KVCore` with the passes' plans -- the same code path as
   :func:`kvpass.optimize`, so cache-free outputs are equal.  Forms applied in the graph:
-  ``Full``, ``SharedKV`` (no calibration, no cross-layer), ``Window``, ``Sparse``, ``Quantize``
-  and their compositions; weights a pass changes are copies (the model is never touched).
-  Counters: ``sites``, ``rewritten`` and one per form kind.  Refused with a message pointing
-  to ``kvpass.optimize(model, policy)`` first: a graph that reads or fills a KV cache
-  (generation: the compressed cache needs kvpass's cache layers), MHC, calibration, and
-  cross-layer sharing (they need the module: calibration runs, a latent, another layer's cache).
+  ``Full``, ``SharedKV`` (no calibration, no cross-layer), ``Window``, ``Sparse``, ``Quantize``,
+  ``MHC(method="svd")`` (the core reads the K/V projections' input; the latent is factored
+  from the weights) and their compositions; weights a pass changes are copies (the model is
+  never touched).  Counters: ``sites``, ``rewritten`` and one per form kind.  Refused with a
+  message pointing to ``kvpass.optimize(model, policy)`` first: a graph that reads or fills a
+  KV cache (generation: the compressed cache needs kvpass's cache layers), forms that
+  calibrate (whitened/aware MHC, refit, rank allocation, similarity grouping, calibrated
+  merges: they run the model on calibration text layer by layer) and cross-layer sharing.
   A graph with integer inputs (dynamo's dynamic sizes) is rewritten once per set of sizes.
 
 Example:
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import re
-import types
 
 import torch
 from torch import fx, nn
@@ -193,7 +194,7 @@ def _reads_or_writes_cache(site: AttentionSite, env: dict) -> str | None:
     return None
 
 
-IN_GRAPH_FORMS = ("full", "shared_kv", "window", "sparse", "quantize")
+IN_GRAPH_FORMS = ("full", "shared_kv", "window", "sparse", "quantize", "mhc")
 
 
 def in_graph(gm: fx.GraphModule, example_inputs, policy, *, inductor: bool = True, calibration=None):
@@ -268,19 +269,19 @@ def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list
     sites = find_sites_in(cap)
     report = Report(sites)
     chosen = _choose(sites, policy, report)
-    swaps, weights = [], None
+    swaps = []
     for i, site in enumerate(sites):
         forms = chosen.get(site.name)
         if forms is None or forms == (Full(),):
             continue
         bad = [f for f in forms if f.kind not in IN_GRAPH_FORMS or needs_calibration(f)
-               or getattr(f, "cross_layer", 1) != 1]
+               or getattr(f, "cross_layer", 1) != 1 or getattr(f, "allocate", False)]
         if bad:
             raise KVPassError(
-                f"{site.name}: backend='kvpass' applies {', '.join(IN_GRAPH_FORMS)} (no calibration, "
-                f"no cross-layer sharing) inside the graph; {bad[0]!r} needs the module itself. "
-                "Rewrite first: fast = kvpass.optimize(model, policy, calibration=...); "
-                "torch.compile(fast, backend='kvpass')")
+                f"{site.name}: backend='kvpass' applies {', '.join(IN_GRAPH_FORMS)} inside the graph "
+                f"when they need no calibration (MHC: method='svd'), no cross-layer cache and no rank "
+                f"allocation; {bad[0]!r} needs the module itself. Rewrite first: fast = "
+                "kvpass.optimize(model, policy, calibration=...); torch.compile(fast, backend='kvpass')")
         why = _reads_or_writes_cache(site, cap.env)
         if why:
             raise KVPassError(
@@ -288,18 +289,49 @@ def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list
                 "the policy stores the cache in another layout. Compile a cache-free forward "
                 "(use_cache=False), or for generation rewrite first: fast = kvpass.optimize(model, "
                 "policy); torch.compile(fast, backend='kvpass')")
-        core = KVCore(CoreSpec.of(site), forms, site.layer)
-        if weights is None:
-            weights = _copied_weights(cap.module, sites, chosen)
+        swaps.append((site, KVCore(CoreSpec.of(site), forms, site.layer), f"kv_core_{i}"))
+    if not swaps:
+        counters["sites"] += len(sites)
+        return cap.module
+    weights = _copied_weights(cap.module, sites, chosen)
+    graph = replace_cores(cap, swaps)
+    for site, core, name in swaps:
         ctx = PassContext(weights)
-        att = types.SimpleNamespace(kv_core=core)
-        for form in _in_order(forms):
+        att = _InGraph(graph, site, core, name, inputs)
+        for form in _in_order(core.forms):
             core.plan = PASSES[form.kind](att, site, form, ctx)
             counters[form.kind] += 1
-        swaps.append((site, core, f"kv_core_{i}"))
     counters["sites"] += len(sites)
     counters["rewritten"] += len(swaps)
-    return replace_cores(cap, swaps) if swaps else cap.module
+    return graph
+
+
+class _InGraph:
+    """What a pass sees of one layer rewritten inside a whole-model graph: the same interface
+    as :class:`~kvpass.lower.KVAttention` (its core, its graph's nodes, sample inputs), where
+    the graph is the model's."""
+
+    def __init__(self, gm: fx.GraphModule, site: AttentionSite, core, name: str, leaves: list):
+        n = site.nodes
+        self.graph_module, self.kv_core, self._name, self._leaves = gm, core, name, leaves
+        self._handles = {"q": n.q, "k_pre": n.k_pre, "v_pre": n.v_pre, "q_proj": n.q_proj,
+                         "k_proj": n.k_proj, "v_proj": n.v_proj}
+
+    def handles(self) -> dict:
+        return dict(self._handles)
+
+    def core_call(self) -> fx.Node:
+        return next(n for n in self.graph_module.graph.nodes if n.op == "call_module" and n.target == self._name)
+
+    def sample_leaves(self) -> list:
+        return list(self._leaves)
+
+    def remove_unused_parameters(self) -> list[str]:
+        """Cut what the rewired core no longer reads (the model's parameters stay registered:
+        they are the model's own, not this graph's to drop)."""
+        self.graph_module.graph.eliminate_dead_code()
+        self.graph_module.recompile()
+        return []
 
 
 def _copied_weights(gm: fx.GraphModule, sites, chosen) -> dict:

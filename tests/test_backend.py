@@ -68,6 +68,7 @@ IN_GRAPH = {
     "sparse": kvpass.Sparse(block=2, local=2, global_tokens=2),
     "quantize": kvpass.Quantize(bits=4, group=4),
     "sparse+quantize": [kvpass.Sparse(block=4, local=1, global_tokens=4, random=1), kvpass.Quantize(bits=2, group=4)],
+    "mhc_svd+window": [kvpass.MHC(ratio=2, method="svd"), kvpass.Window(4, sinks=1)],
 }
 
 

@@ -307,6 +307,9 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
             lat.fit = fit_key_path(lat)
         except SiteError as e:
             lat.fit_error = str(e)
+        except RuntimeError as e:  # the path cannot even run at the probe length (a graph
+            # specialised to its sample's sizes, e.g. inside torch.compile): not fused either
+            lat.fit_error = f"the key path cannot be replayed at other lengths ({str(e).splitlines()[0]})"
     core.latent = lat
     call = att.core_call()
     q_src = h["q_proj"] if paths is not None and paths[2] is not None else call.args[0]
