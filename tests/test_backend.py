@@ -72,8 +72,12 @@ IN_GRAPH = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "handwritten_fused"])
-@pytest.mark.parametrize("name", list(IN_GRAPH))
+CASES = [("llama", name) for name in IN_GRAPH] + [  # a hand-written model (fused QKV, complex RoPE)
+    ("handwritten_fused", "shared_kv+window"), ("handwritten_fused", "sparse+quantize"),
+    ("handwritten_fused", "mhc_svd+window")]
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
 def test_policy_inside_the_graph_equals_optimize(family, name):
     """The backend finds the sites in the dynamo graph of a *plain* model and applies the policy
     there: outputs equal optimize(model, policy), the model is untouched, counters count."""
