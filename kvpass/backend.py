@@ -15,15 +15,17 @@ and through :func:`register_backend`.
   (aten ops, symbolic sizes; dynamo's ``nn_module_stack`` carries over, so sites get their
   module names), sites are found there, and each rewritten core becomes a
   :class:`~kvpass.lower.KVCore` with the passes' plans -- the same code path as
-  :func:`kvpass.optimize`, so cache-free outputs are equal.  Forms applied in the graph:
-  ``Full``, ``SharedKV`` (no calibration, no cross-layer), ``Window``, ``Sparse``, ``Quantize``,
-  ``MHC(method="svd")`` (the core reads the K/V projections' input; the latent is factored
-  from the weights) and their compositions; weights a pass changes are copies (the model is
-  never touched).  Counters: ``sites``, ``rewritten`` and one per form kind.  Refused with a
-  message pointing to ``kvpass.optimize(model, policy)`` first: a graph that reads or fills a
-  KV cache (generation: the compressed cache needs kvpass's cache layers), forms that
-  calibrate (whitened/aware MHC, refit, rank allocation, similarity grouping, calibrated
-  merges: they run the model on calibration text layer by layer) and cross-layer sharing.
+  :func:`kvpass.optimize`, so cache-free outputs are equal.  Every form is applied in the
+  graph (and compositions), including cross-layer sharing and MHC (the core reads the K/V
+  projections' input), except MHC's ``refit`` and ``allocate`` (they train or score the whole
+  model).  Forms that calibrate take ``options={"calibration": ids | text, "tokenizer": tok}``
+  and run layer by layer on the graph, earlier layers already rewritten, as ``optimize()``
+  does; the graph runs at the shape dynamo traced, so the ids are cut into chunks of it (the
+  token-id input gets them, a 0/1 mask input ones).  Weights a pass changes are copies (the
+  model is never touched).  Counters: ``sites``, ``rewritten``, ``cross_layer`` and one per
+  form kind.  Refused with a message pointing to ``kvpass.optimize(model, policy)`` first: a
+  graph that reads or fills a KV cache (generation: the compressed cache needs kvpass's cache
+  layers), refit/allocate, and calibrated forms without calibration.
   A graph with integer inputs (dynamo's dynamic sizes) is rewritten once per set of sizes.
 
 Example:
@@ -74,10 +76,10 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     ``policy`` (a :class:`~kvpass.Policy`, a form or a list of forms), ``calibration``
     (refused: in-graph policies use forms that need none)."""
     options = dict(options or {})
-    unknown = set(options) - {"inductor", "policy", "calibration"}
+    unknown = set(options) - {"inductor", "policy", "calibration", "tokenizer"}
     if unknown:
         raise KVPassError(f"backend='kvpass': unknown options {sorted(unknown)} "
-                          "(known: inductor, policy, calibration)")
+                          "(known: inductor, policy, calibration, tokenizer)")
     nodes = _kvpass_nodes(gm)
     counters["graphs"] += 1
     counters["attention_ops"] += sum("latent" not in str(n.target) for n in nodes)
@@ -85,7 +87,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     policy = options.get("policy")
     if policy is not None and not nodes and _attention_like(gm):
         return in_graph(gm, example_inputs, policy, inductor=options.get("inductor", True),
-                        calibration=options.get("calibration"))
+                        calibration=options.get("calibration"), tokenizer=options.get("tokenizer"))
     if policy is not None and nodes:
         raise KVPassError("backend='kvpass' got a policy for a model kvpass has already rewritten; "
                           "give the policy to one of them: optimize(model, policy) or the backend")
@@ -194,19 +196,22 @@ def _reads_or_writes_cache(site: AttentionSite, env: dict) -> str | None:
     return None
 
 
-IN_GRAPH_FORMS = ("full", "shared_kv", "window", "sparse", "quantize", "mhc")
+IN_GRAPH_FORMS = ("full", "shared_kv", "window", "sparse", "quantize", "mhc")  # all of kvpass's
 
 
-def in_graph(gm: fx.GraphModule, example_inputs, policy, *, inductor: bool = True, calibration=None):
+def in_graph(gm: fx.GraphModule, example_inputs, policy, *, inductor: bool = True, calibration=None,
+             tokenizer=None):
     """The compiled function for a dynamo graph of a plain model with ``policy`` applied.
 
     The graph's module state is split from its inputs; the rest is rewritten by
     :func:`apply_policy`.  A graph with integer inputs (dynamo's dynamic sizes) is rewritten
-    once per distinct set of sizes (export specialises integers)."""
+    once per distinct set of sizes (export specialises integers).  ``calibration`` (token ids,
+    or text with ``tokenizer``) feeds the forms that calibrate."""
+    ids = None
     if calibration is not None:
-        raise KVPassError("backend='kvpass': calibration inside the graph is not supported; forms "
-                          "that calibrate need the module: fast = kvpass.optimize(model, policy, "
-                          "calibration=...); torch.compile(fast, backend='kvpass')")
+        from .calibrate import calibration_ids
+
+        ids = calibration_ids(calibration, tokenizer)
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state = {n.name: (name, x) for n, x in zip(phs, example_inputs)
              if (name := _state_name(n, x)) is not None}
@@ -215,7 +220,7 @@ def in_graph(gm: fx.GraphModule, example_inputs, policy, *, inductor: bool = Tru
     built: dict[tuple, object] = {}
 
     def build(inputs: list):
-        graph = apply_policy(gm, state, names, inputs, policy)
+        graph = apply_policy(gm, state, names, inputs, policy, ids)
         if not inductor:
             return graph
         from torch._inductor.compile_fx import compile_fx
@@ -244,7 +249,8 @@ def _concrete(x):
     return x if isinstance(x, torch.Tensor) else int(x)
 
 
-def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list, policy) -> fx.GraphModule:
+def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list, policy,
+                 calibration: torch.Tensor | None = None) -> fx.GraphModule:
     """Rewrite the attention sites of dynamo graph ``gm`` (a plain model) per ``policy``.
 
     ``state``: placeholder name -> (qualified name, tensor) for the module's parameters and
@@ -253,8 +259,13 @@ def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list
     found in it and each rewritten one's core becomes a :class:`~kvpass.lower.KVCore` with the
     pass plans, exactly as :func:`kvpass.optimize` would (cache-free).  Returns the rewritten
     module over ``inputs``.  Weights a pass changes are copies: the model is never touched.
+
+    Calibration (token ids [N, S]) runs layer by layer as in :func:`kvpass.optimize`: layer i's
+    statistics come from the graph with layers before it already rewritten.  The graph runs at
+    the shapes dynamo traced it with, so the ids are cut into chunks of that shape.
     """
-    from .api import Report, _choose, _in_order
+    from .api import Report, _choose, _cross_layer, _in_order, _sharing_groups
+    from .calibrate import collect_stats, run_calls
     from .capture import capture_call
     from .lower import CoreSpec, KVCore, replace_cores
     from .passes import PASSES, PassContext, needs_calibration
@@ -274,14 +285,19 @@ def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list
         forms = chosen.get(site.name)
         if forms is None or forms == (Full(),):
             continue
-        bad = [f for f in forms if f.kind not in IN_GRAPH_FORMS or needs_calibration(f)
-               or getattr(f, "cross_layer", 1) != 1 or getattr(f, "allocate", False)]
+        bad = [f for f in forms if f.kind not in IN_GRAPH_FORMS or getattr(f, "allocate", False)
+               or getattr(f, "refit", False)]
         if bad:
             raise KVPassError(
-                f"{site.name}: backend='kvpass' applies {', '.join(IN_GRAPH_FORMS)} inside the graph "
-                f"when they need no calibration (MHC: method='svd'), no cross-layer cache and no rank "
-                f"allocation; {bad[0]!r} needs the module itself. Rewrite first: fast = "
-                "kvpass.optimize(model, policy, calibration=...); torch.compile(fast, backend='kvpass')")
+                f"{site.name}: backend='kvpass' applies {', '.join(IN_GRAPH_FORMS)} inside the graph, "
+                f"without MHC rank allocation or refit; {bad[0]!r} needs the module itself. Rewrite "
+                "first: fast = kvpass.optimize(model, policy, calibration=...); "
+                "torch.compile(fast, backend='kvpass')")
+        if calibration is None and any(needs_calibration(f) for f in forms):
+            raise KVPassError(
+                f"{site.name}: {[f for f in forms if needs_calibration(f)][0]!r} calibrates: give "
+                "options={'policy': ..., 'calibration': <token ids | text (with 'tokenizer')>}, or "
+                "rewrite first: fast = kvpass.optimize(model, policy, calibration=...)")
         why = _reads_or_writes_cache(site, cap.env)
         if why:
             raise KVPassError(
@@ -295,27 +311,75 @@ def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list
         return cap.module
     weights = _copied_weights(cap.module, sites, chosen)
     graph = replace_cores(cap, swaps)
+    calls = _calibration_calls(names, inputs, calibration) if calibration is not None else None
+    sharing = _sharing_groups([site for site, _, _ in swaps], chosen)
+    producers: dict = {}
     for site, core, name in swaps:
+        att = _InGraph(graph, site, core, name, inputs, names)
         ctx = PassContext(weights)
-        att = _InGraph(graph, site, core, name, inputs)
+        if calls is not None and any(needs_calibration(f) for f in core.forms):
+            with torch.no_grad(), collect_stats(core) as stats:
+                run_calls(att, calls)
+            ctx = PassContext(weights, stats, calls)
         for form in _in_order(core.forms):
             core.plan = PASSES[form.kind](att, site, form, ctx)
             counters[form.kind] += 1
+        _cross_layer(att, site, producers, sharing, report)  # a consumer reads its producer's K/V
     counters["sites"] += len(sites)
     counters["rewritten"] += len(swaps)
+    counters["cross_layer"] += report.counters.get("cross_layer", 0)
     return graph
+
+
+def _calibration_calls(names: list[str], inputs: list, ids: torch.Tensor) -> list[dict]:
+    """The graph's inputs for each calibration chunk: the token-id input (the 2-D integer input
+    that is not a 0/1 mask) gets the ids, cut to the traced [B, S]; a 0/1 integer input of the
+    same shape (an attention mask) gets ones.  Anything else cannot be made up: refused."""
+    ints = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() == 2
+            and not x.is_floating_point() and x.dtype != torch.bool]
+    tokens = [i for i in ints if not bool(((inputs[i] == 0) | (inputs[i] == 1)).all())] or ints[:1]
+    if len(tokens) != 1:
+        raise KVPassError("backend='kvpass' calibration: cannot tell which graph input takes the token "
+                          f"ids (2-D integer inputs: {[names[i] for i in ints]}); calibrate with "
+                          "kvpass.optimize(model, policy, calibration=...) instead")
+    t = tokens[0]
+    B, S = inputs[t].shape
+    others = [i for i, x in enumerate(inputs) if i != t and isinstance(x, torch.Tensor)]
+    masks = [i for i in others if i in ints and inputs[i].shape == inputs[t].shape]
+    if set(others) - set(masks):
+        raise KVPassError("backend='kvpass' calibration: the graph takes inputs besides token ids and "
+                          f"a mask ({[names[i] for i in others if i not in masks]}); calibrate with "
+                          "kvpass.optimize(model, policy, calibration=...) instead")
+    flat = ids.reshape(-1)
+    n = flat.numel() // (B * S)
+    if n == 0:
+        raise KVPassError(f"backend='kvpass' calibration: {flat.numel()} tokens, the graph runs on "
+                          f"[{B}, {S}] = {B * S} at a time")
+    chunks = flat[: n * B * S].view(n, B, S).to(inputs[t].device, inputs[t].dtype)
+    out = []
+    for c in chunks:
+        call = {names[t]: c}
+        call.update({names[i]: torch.ones_like(inputs[i]) for i in masks})
+        out.append(call)
+    return out
 
 
 class _InGraph:
     """What a pass sees of one layer rewritten inside a whole-model graph: the same interface
-    as :class:`~kvpass.lower.KVAttention` (its core, its graph's nodes, sample inputs), where
-    the graph is the model's."""
+    as :class:`~kvpass.lower.KVAttention` (its core, its graph's nodes, sample inputs, called
+    with the graph's inputs by name), where the graph is the model's."""
 
-    def __init__(self, gm: fx.GraphModule, site: AttentionSite, core, name: str, leaves: list):
+    def __init__(self, gm: fx.GraphModule, site: AttentionSite, core, name: str, leaves: list,
+                 names: list[str]):
         n = site.nodes
         self.graph_module, self.kv_core, self._name, self._leaves = gm, core, name, leaves
+        self._names = names
         self._handles = {"q": n.q, "k_pre": n.k_pre, "v_pre": n.v_pre, "q_proj": n.q_proj,
                          "k_proj": n.k_proj, "v_proj": n.v_proj}
+
+    def __call__(self, **inputs):
+        """Run the whole graph (calibration: taps on this layer's nodes see its inputs)."""
+        return self.graph_module(*[inputs[n] for n in self._names])
 
     def handles(self) -> dict:
         return dict(self._handles)
@@ -325,6 +389,12 @@ class _InGraph:
 
     def sample_leaves(self) -> list:
         return list(self._leaves)
+
+    def drop_kv_inputs(self) -> list[str]:
+        """A cross-layer consumer: the core no longer takes keys/values."""
+        call = self.core_call()
+        call.args = (call.args[0], None, None, call.args[3])
+        return self.remove_unused_parameters()
 
     def remove_unused_parameters(self) -> list[str]:
         """Cut what the rewired core no longer reads (the model's parameters stay registered:

@@ -69,6 +69,7 @@ IN_GRAPH = {
     "quantize": kvpass.Quantize(bits=4, group=4),
     "sparse+quantize": [kvpass.Sparse(block=4, local=1, global_tokens=4, random=1), kvpass.Quantize(bits=2, group=4)],
     "mhc_svd+window": [kvpass.MHC(ratio=2, method="svd"), kvpass.Window(4, sinks=1)],
+    "cross_layer+window": [kvpass.SharedKV(kv_heads=1, cross_layer=2), kvpass.Window(4, sinks=1)],
 }
 
 
@@ -132,24 +133,53 @@ def test_policy_inside_the_graph_through_inductor(models):
     assert counters["inductor"] == 1 and counters["window"] == 2
 
 
-@pytest.mark.parametrize("case", ["cache", "mhc", "calibration", "cross_layer"])
+CALIBRATED = {
+    "mhc_whitened": kvpass.MHC(ratio=2),
+    "shared_kv_similarity_calibrated": kvpass.SharedKV(kv_heads=1, grouping="similarity", merge="calibrated"),
+    "mhc_aware+window": [kvpass.MHC(ratio=2, method="aware"), kvpass.Window(4, sinks=1)],
+}
+
+
+@pytest.mark.parametrize(("family", "name"),
+                         [("llama", n) for n in CALIBRATED] + [("handwritten_fused", "mhc_whitened")])
+def test_calibrated_policy_inside_the_graph_equals_optimize(family, name):
+    """Forms that calibrate run layer by layer on the graph (earlier layers already rewritten),
+    as optimize() does: with the same calibration ids the outputs are equal."""
+    model = fam.build(family)
+    policy = CALIBRATED[name]
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(1, fam.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    calib = torch.randint(1, fam.VOCAB, (4, 11), generator=torch.Generator().manual_seed(5))
+    kw = {"use_cache": False} if family == "llama" else {}
+    comp = torch.compile(model, backend="kvpass", options={"policy": policy, "calibration": calib, "inductor": False})
+    with torch.no_grad():
+        got, want, orig = (m(ids, **kw) for m in (comp, kvpass.optimize(model, policy, calibration=calib), model))
+    got, want, orig = (getattr(x, "logits", x) for x in (got, want, orig))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - orig).abs().max() > 1e-3 and counters["rewritten"] == 2
+
+
+@pytest.mark.parametrize("case", ["cache", "uncalibrated", "refit", "too_few_tokens"])
 def test_policy_inside_the_graph_refusals(models, case):
-    """Generation with a compressed cache, and forms that need the module (calibration, a
-    latent, cross-layer caches): one clear message pointing to optimize() first."""
+    """Generation with a compressed cache, calibrated forms without calibration, forms that need
+    the module (refit, allocation): one clear message pointing to optimize() first."""
     model, _ = models
     torch._dynamo.reset()
     ids = torch.randint(1, fam.VOCAB, (1, 5))
+    few = torch.randint(1, fam.VOCAB, (1, 3))
     policy, opts, kw, match = {
         "cache": (kvpass.Window(4, sinks=1), {}, {"use_cache": True}, "KV cache is being filled"),
-        "mhc": (kvpass.MHC(ratio=2), {}, {"use_cache": False}, "needs the module itself"),
-        "calibration": (kvpass.Window(4), {"calibration": "some text"}, {"use_cache": False},
-                        "calibration inside the graph"),
-        "cross_layer": (kvpass.SharedKV(cross_layer=2), {}, {"use_cache": False}, "needs the module itself"),
+        "uncalibrated": (kvpass.MHC(ratio=2), {}, {"use_cache": False}, "calibrates: give"),
+        "refit": (kvpass.MHC(ratio=2, refit=True), {"calibration": few}, {"use_cache": False},
+                  "needs the module itself"),
+        "too_few_tokens": (kvpass.MHC(ratio=2), {"calibration": few}, {"use_cache": False}, "3 tokens"),
     }[case]
     comp = torch.compile(model, backend="kvpass", options={"policy": policy, "inductor": False, **opts})
     with pytest.raises(Exception, match=match) as err, torch.no_grad():
         comp(ids, **kw)
-    assert r"kvpass.optimize(model, policy" in str(err.value)
+    if case != "too_few_tokens":
+        assert "kvpass.optimize(model, policy" in str(err.value)
 
 
 def test_unknown_option_is_refused(models):
