@@ -27,6 +27,9 @@ and through :func:`register_backend`.
   graph that reads or fills a KV cache (generation: the compressed cache needs kvpass's cache
   layers), refit/allocate, and calibrated forms without calibration.
   A graph with integer inputs (dynamo's dynamic sizes) is rewritten once per set of sizes.
+  Layer indices (per-layer policies, cross-layer pairs) count the attention sites of one
+  dynamo graph: a model that dynamo splits between attention layers (graph breaks) numbers
+  each piece from 0 -- compile with ``fullgraph=True`` to be sure, or ``optimize()`` first.
 
 Example:
     >>> import torch, kvpass
