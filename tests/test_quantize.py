@@ -228,6 +228,26 @@ def test_int8_window_close_to_the_window_alone():
     assert (a - b).abs().max() > 0  # it does quantize
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_quantize_keeps_a_models_own_window(family):
+    """Quantize alone on a model with its own sliding layers keeps their windows (a quantized
+    layer reads visibility from positions, so the window must be in its plan): int8 stays within
+    1e-2 of the original well past the window, one-shot and token by token."""
+    model = fam.build(family)
+    fast = kvpass.optimize(model, kvpass.Quantize(bits=8, group=4))
+    windows = {m.site.name: m.site.window for m in fast.modules() if hasattr(m, "site")}
+    assert any(w is not None for w in windows.values())
+    for m in fast.modules():
+        if hasattr(m, "site"):
+            assert m.kv_core.plan.window == m.site.window
+    ids = torch.randint(1, fam.VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        got = fast(ids, use_cache=False).logits
+        steps, _ = _stepwise(fast, ids, [7], model.config)
+    assert (got - want).abs().max() <= 1e-2 and (steps - want).abs().max() <= 1e-2
+
+
 def test_padding_and_generate():
     _, fast = _fast(kvpass.Quantize(bits=4, group=8, residual=3))
     fam.check_left_padding(fast, 1e-4, new_tokens=12)
