@@ -281,6 +281,7 @@ def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list
     with torch.no_grad(), torch._guards.tracing(None), torch._guards.compile_context(None):
         cap = capture_call(replay, dict(zip(names, inputs)))
     sites = find_sites_in(cap)
+    _probe_windows(cap, sites, names, inputs)
     report = Report(sites)
     chosen = _choose(sites, policy, report)
     swaps = []
@@ -334,18 +335,45 @@ def apply_policy(gm: fx.GraphModule, state: dict, names: list[str], inputs: list
     return graph
 
 
+def _int_inputs(inputs: list) -> list[int]:
+    return [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() == 2
+            and not x.is_floating_point() and x.dtype != torch.bool]
+
+
+def _token_input(inputs: list) -> int | None:
+    """The graph input holding token ids: the 2-D integer input that is not a 0/1 mask (the
+    only 2-D integer input, if all are 0/1); None when that is ambiguous."""
+    ints = _int_inputs(inputs)
+    tokens = [i for i in ints if not bool(((inputs[i] == 0) | (inputs[i] == 1)).all())] or ints[:1]
+    return tokens[0] if len(tokens) == 1 else None
+
+
+def _probe_windows(cap, sites: list[AttentionSite], names: list[str], inputs: list) -> None:
+    """A model's own sliding windows, from the mask's construction replayed on unpadded inputs
+    of the traced shape (the graph runs at that shape only; a band as wide as the sequence is no
+    window there).  Positional forms (MHC, Quantize) keep these windows, as in optimize()."""
+    from .sites import _probe_window
+
+    t = _token_input(inputs)
+    if t is None:
+        return
+    B, S = inputs[t].shape
+    for site in sites:
+        if site.nodes is not None and site.nodes.mask is not None and site.window is None:
+            site.window = _probe_window(cap, site.nodes.mask, site.nodes.mask_kind, length=S,
+                                        ids_path=cap.input_paths[t], batch=B)
+
+
 def _calibration_calls(names: list[str], inputs: list, ids: torch.Tensor) -> list[dict]:
     """The graph's inputs for each calibration chunk: the token-id input (the 2-D integer input
     that is not a 0/1 mask) gets the ids, cut to the traced [B, S]; a 0/1 integer input of the
     same shape (an attention mask) gets ones.  Anything else cannot be made up: refused."""
-    ints = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() == 2
-            and not x.is_floating_point() and x.dtype != torch.bool]
-    tokens = [i for i in ints if not bool(((inputs[i] == 0) | (inputs[i] == 1)).all())] or ints[:1]
-    if len(tokens) != 1:
+    ints = _int_inputs(inputs)
+    t = _token_input(inputs)
+    if t is None:
         raise KVPassError("backend='kvpass' calibration: cannot tell which graph input takes the token "
                           f"ids (2-D integer inputs: {[names[i] for i in ints]}); calibrate with "
                           "kvpass.optimize(model, policy, calibration=...) instead")
-    t = tokens[0]
     B, S = inputs[t].shape
     others = [i for i, x in enumerate(inputs) if i != t and isinstance(x, torch.Tensor)]
     masks = [i for i in others if i in ints and inputs[i].shape == inputs[t].shape]

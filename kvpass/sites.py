@@ -479,9 +479,11 @@ def _mask_facts(core: _Core, env, problems: list[str]) -> tuple[bool, int | None
     return causal, None
 
 
-def _probe_window(cap: Captured, core_mask: fx.Node, kind: str, length: int = 1536) -> int | None:
-    """Replay the mask's construction on ``length`` tokens; the band it keeps is the window."""
-    if "['input_ids']" not in cap.input_paths:
+def _probe_window(cap: Captured, core_mask: fx.Node, kind: str, length: int = 1536,
+                  ids_path: str = "['input_ids']", batch: int = 1) -> int | None:
+    """Replay the mask's construction on ``length`` tokens (``batch`` rows, unpadded); the band
+    it keeps is the window.  ``ids_path``: the graph input holding token ids."""
+    if ids_path not in cap.input_paths:
         return None
     anc = gu.ancestors(core_mask) | {core_mask}
     nodes = [n for n in cap.graph.nodes if n in anc]
@@ -489,12 +491,12 @@ def _probe_window(cap: Captured, core_mask: fx.Node, kind: str, length: int = 15
         return None
     env = dict(cap.env)
     placeholders = [n for n in cap.graph.nodes if n.op == "placeholder"]
-    ids_node = placeholders[cap.input_paths.index("['input_ids']")]
+    ids_node = placeholders[cap.input_paths.index(ids_path)]
     phs = {n: env[n] for n in placeholders}
     for n in placeholders:  # token-aligned inputs (ids, padding mask): a long unpadded sequence
         if isinstance(env[n], torch.Tensor) and env[n].shape == env[ids_node].shape:
-            phs[n] = torch.ones(1, length, dtype=env[n].dtype)
-    phs[ids_node] = torch.zeros(1, length, dtype=torch.long)
+            phs[n] = torch.ones(batch, length, dtype=env[n].dtype)
+    phs[ids_node] = torch.zeros(batch, length, dtype=torch.long)
     try:
         vals = gu.replay([n for n in nodes if n.op != "placeholder"], {**env, **phs}, dict(phs))
     except Exception:  # noqa: BLE001 - a mask that can't be replayed simply isn't probed
