@@ -73,7 +73,9 @@ IN_GRAPH = {
 }
 
 
-CASES = [("llama", name) for name in IN_GRAPH] + [  # a hand-written model (fused QKV, complex RoPE)
+SINGLE = {"shared_kv", "window", "sparse", "quantize"}  # also inside the compositions: slow marker (CI time)
+CASES = [pytest.param("llama", name, marks=[pytest.mark.slow] if name in SINGLE else []) for name in IN_GRAPH] + [
+    # a hand-written model (fused QKV, complex RoPE)
     ("handwritten_fused", "shared_kv+window"), ("handwritten_fused", "sparse+quantize"),
     ("handwritten_fused", "mhc_svd+window"),
     ("mistral", "quantize")]  # a model's own sliding window, kept by a positional form
@@ -142,8 +144,9 @@ CALIBRATED = {
 
 
 @pytest.mark.parametrize(("family", "name"),
-                         [("llama", n) for n in CALIBRATED] + [("handwritten_fused", "mhc_whitened"),
-                                                                ("gemma3", "mhc_whitened")])
+                         [("llama", n) for n in CALIBRATED]
+                         + [pytest.param("handwritten_fused", "mhc_whitened", marks=pytest.mark.slow),
+                            ("gemma3", "mhc_whitened")])
 def test_calibrated_policy_inside_the_graph_equals_optimize(family, name):
     """Forms that calibrate run layer by layer on the graph (earlier layers already rewritten),
     as optimize() does: with the same calibration ids the outputs are equal."""
