@@ -76,8 +76,8 @@ def _attention_like(gm: fx.GraphModule) -> int:
 
 def kvpass_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     """Dynamo backend: see the module docstring.  ``options``: ``inductor`` (default True),
-    ``policy`` (a :class:`~kvpass.Policy`, a form or a list of forms), ``calibration``
-    (refused: in-graph policies use forms that need none)."""
+    ``policy`` (a :class:`~kvpass.Policy`, a form or a list of forms), ``calibration`` (token
+    ids, or text with ``tokenizer``) for forms that calibrate."""
     options = dict(options or {})
     unknown = set(options) - {"inductor", "policy", "calibration", "tokenizer"}
     if unknown:
@@ -120,12 +120,6 @@ def _state_name(node: fx.Node, value) -> str | None:
         return None
     parts = _SEGMENT.findall(src)
     return ".".join(parts) if parts else None
-
-
-def _keep_index(gm: fx.GraphModule, example_inputs) -> list[int]:
-    """Positions of the dynamo graph's inputs that are not module state."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [i for i, (n, x) in enumerate(zip(phs, example_inputs)) if _state_name(n, x) is None]
 
 
 class _Replay(nn.Module):
@@ -183,19 +177,14 @@ def _reads_or_writes_cache(site: AttentionSite, env: dict) -> str | None:
         return (f"its keys hold {k.shape[-2]} positions for {q.shape[-2]} queries: the graph reads "
                 "a KV cache")
     outputs = set(gu.tensor_args(n.captured.graph.output_node()))
-    for start in (n.k_pre, n.v_pre):
-        seen, todo = set(), [start]
-        while todo:
-            cur = todo.pop()
-            if cur in outputs:
-                return "the graph returns its keys/values (a KV cache is being filled)"
-            for user in cur.users:
-                if user not in seen and (gu.is_movement(user) or user.op == "output"):
-                    seen.add(user)
-                    todo.append(user)
-            outputs_here = [u for u in cur.users if u.op == "output"]
-            if outputs_here:
-                return "the graph returns its keys/values (a KV cache is being filled)"
+    seen, todo = set(), [n.k_pre, n.v_pre]
+    while todo:  # K/V, or a view of them, among the graph's outputs
+        cur = todo.pop()
+        if cur in outputs:
+            return "the graph returns its keys/values (a KV cache is being filled)"
+        new = [u for u in cur.users if gu.is_movement(u) and u not in seen]
+        seen.update(new)
+        todo += new
     return None
 
 
@@ -218,7 +207,7 @@ def in_graph(gm: fx.GraphModule, example_inputs, policy, *, inductor: bool = Tru
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state = {n.name: (name, x) for n, x in zip(phs, example_inputs)
              if (name := _state_name(n, x)) is not None}
-    keep = _keep_index(gm, example_inputs)
+    keep = [i for i, n in enumerate(phs) if n.name not in state]  # the inputs that are not state
     names = [phs[i].name for i in keep]
     built: dict[tuple, object] = {}
 
@@ -438,8 +427,6 @@ class _InGraph:
 def _copied_weights(gm: fx.GraphModule, sites, chosen) -> dict:
     """The captured module's parameters by site name; those of layers whose forms change weights
     (shared KV) are replaced by copies first, so the source model stays as it was."""
-    from .graphutil import ROOT
-
     for site in sites:
         if not any(f.kind == "shared_kv" for f in chosen.get(site.name, ())):
             continue
@@ -447,7 +434,7 @@ def _copied_weights(gm: fx.GraphModule, sites, chosen) -> dict:
             for name in (proj.weight, proj.bias) if proj is not None else ():
                 if name is None:
                     continue
-                path, _, leaf = f"{ROOT}.{name}".rpartition(".")
+                path, _, leaf = f"{gu.ROOT}.{name}".rpartition(".")
                 owner = gm.get_submodule(path)
                 old = getattr(owner, leaf)
                 if isinstance(old, nn.Parameter):

@@ -76,6 +76,11 @@ class LayerPlan:
     latent: int | None = None
     quant: QuantRule | None = None
 
+    def kept_window(self, model_window: int | None) -> int | None:
+        """The window a positional form reads: its own, none under a sparse pattern, else the
+        model's own sliding window (visibility comes from positions, so it must be here)."""
+        return self.window if self.window is not None or self.pattern is not None else model_window
+
     @property
     def positional(self) -> bool:
         return (self.window is not None or self.pattern is not None or self.latent is not None
@@ -342,9 +347,9 @@ class KVCore(nn.Module):
         args = dict(window=plan.window, sinks=plan.sinks, block=block)
         if hats is not None:  # quantized storage: the reference picks full / quantized per pair
             ref = reference.attention if torch.is_grad_enabled() and q.requires_grad else reference.attention_sdpa
-            return ref(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
-                                       softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table,
-                                       k_hat=hats[0], v_hat=hats[1], quant=plan.quant, **args)
+            return ref(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
+                       q_pos=q_pos, k_pos=k_pos, block_mask=table, k_hat=hats[0], v_hat=hats[1],
+                       quant=plan.quant, **args)
         spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,
                             has_block_mask=table is not None, head_dim=q.shape[-1],
                             head_dim_v=v.shape[-1], **args)

@@ -135,18 +135,14 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None, out: Tensor | None 
     scale, zero = q.scale.float(), q.zero.float()
     shape = codes.shape
     if codes.numel() == 0:
-        empty = codes.to(dtype or q.scale.dtype)
-        return empty if out is None else out
+        return codes.to(dtype or q.scale.dtype) if out is None else out
     if q.axis == "token":  # groups as a broadcast axis (no repeated scale copies)
-        codes = codes.unflatten(-1, (-1, q.group))
-        scale, zero = scale[..., None], zero[..., None]
+        dim, scale, zero = -1, scale[..., None], zero[..., None]
     else:
-        codes = codes.unflatten(-2, (-1, q.group))
-        scale, zero = scale[..., None, :], zero[..., None, :]
+        dim, scale, zero = -2, scale[..., None, :], zero[..., None, :]
+    codes = codes.unflatten(dim, (-1, q.group))
     if out is not None:
-        torch.addcmul(zero, codes, scale, out=out.view(codes.shape) if out.is_contiguous() else
-                      out.unflatten(-1 if q.axis == "token" else -2, codes.shape[-2:] if q.axis == "token"
-                                    else codes.shape[-3:-1]))
+        torch.addcmul(zero, codes, scale, out=out.unflatten(dim, (-1, q.group)))
         return out
     return torch.addcmul(zero, codes, scale).reshape(shape).to(dtype or q.scale.dtype)
 

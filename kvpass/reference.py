@@ -148,10 +148,7 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     k_hat, v_hat, quant = kw.pop("k_hat", None), kw.pop("v_hat", None), kw.pop("quant", None)
     sel = None
     if k_hat is not None:  # each key twice, quantized then full precision; each query sees one
-        q_pos, k_pos = kw.get("q_pos"), kw.get("k_pos")
-        if q_pos is None or k_pos is None:
-            dq, dk = default_positions(q.shape[0], q.shape[2], k.shape[2], q.device)
-            q_pos, k_pos = (dq if q_pos is None else q_pos), (dk if k_pos is None else k_pos)
+        q_pos, k_pos = _positions(q, k, kw.get("q_pos"), kw.get("k_pos"))
         sel = quant.hat_mask(q_pos, k_pos)  # [B, 1, Sq, Sk]
         sel = torch.cat([sel, ~sel], -1)
         k, v = torch.cat([k_hat.to(k.dtype), k], 2), torch.cat([v_hat.to(v.dtype), v], 2)
@@ -161,10 +158,7 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     H, Hkv = q.shape[1], k.shape[1]
     grouped = Hkv != H and _grouped(kw.get("kv_head_map"), H, Hkv)
     if grouped:  # SDPA reads each KV head for its query group itself: no repeated copies
-        q_pos, k_pos = kw.get("q_pos"), kw.get("k_pos")
-        if q_pos is None or k_pos is None:
-            dq, dk = default_positions(q.shape[0], q.shape[2], k.shape[2], q.device)
-            q_pos, k_pos = (dq if q_pos is None else q_pos), (dk if k_pos is None else k_pos)
+        q_pos, k_pos = _positions(q, k, kw.get("q_pos"), kw.get("k_pos"))
     else:
         k, v, q_pos, k_pos = _expand(q, k, v, kw.get("kv_head_map"), kw.get("q_pos"), kw.get("k_pos"))
     vis = visibility(q_pos, k_pos, causal=kw.get("causal", False), window=kw.get("window"),
@@ -193,19 +187,23 @@ def _grouped(kv_head_map, H: int, Hkv: int) -> bool:
     return kv_head_map is None or all(int(m) == h // g for h, m in enumerate(kv_head_map))
 
 
+def _positions(q: Tensor, k: Tensor, q_pos, k_pos) -> tuple[Tensor, Tensor]:
+    """``q_pos``/``k_pos``, the defaults (:func:`default_positions`) filled in where None."""
+    if q_pos is None or k_pos is None:
+        dq, dk = default_positions(q.shape[0], q.shape[2], k.shape[2], q.device)
+        q_pos = dq if q_pos is None else q_pos
+        k_pos = dk if k_pos is None else k_pos
+    return q_pos, k_pos
+
+
 def _expand(q: Tensor, k: Tensor, v: Tensor, kv_head_map, q_pos, k_pos):
     """K/V repeated to the query heads by ``kv_head_map``, and positions (defaults filled)."""
-    B, H, Sq, _ = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    H, Hkv = q.shape[1], k.shape[1]
     if kv_head_map is None:
         kv_head_map = [h * Hkv // H for h in range(H)]
     idx = torch.as_tensor(list(kv_head_map), device=q.device, dtype=torch.long)
-    k, v = k.index_select(1, idx), v.index_select(1, idx)
-    if q_pos is None or k_pos is None:
-        dq, dk = default_positions(B, Sq, Sk, q.device)
-        q_pos = dq if q_pos is None else q_pos
-        k_pos = dk if k_pos is None else k_pos
-    return k, v, q_pos, k_pos
+    q_pos, k_pos = _positions(q, k, q_pos, k_pos)
+    return k.index_select(1, idx), v.index_select(1, idx), q_pos, k_pos
 
 
 class LatentWeights(NamedTuple):

@@ -315,8 +315,7 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
     q_src = h["q_proj"] if paths is not None and paths[2] is not None else call.args[0]
     call.args = (q_src, x, None, call.args[3])
     ctx.removed += att.remove_unused_parameters()
-    window = plan.window if plan.window is not None or plan.pattern is not None else site.window
-    core.plan = dataclasses.replace(plan, latent=lat.rank, window=window)
+    core.plan = dataclasses.replace(plan, latent=lat.rank, window=plan.kept_window(site.window))
     if form.refit:
         refit_output(att, teacher, site, ctx)
     return core.plan

@@ -59,7 +59,4 @@ def apply(att: KVAttention, site: AttentionSite, form: Quantize, ctx=None) -> La
         why = r.check_width(width, what)
         if why:
             raise SiteError(f"{site.name}: Quantize(bits={form.bits}, group={form.group}): {why}")
-    # a model's own sliding layer keeps its window: a quantized layer is positional, so its
-    # visibility comes from positions and the window must be in the plan (as MHC does)
-    window = plan.window if plan.window is not None or plan.pattern is not None else site.window
-    return dataclasses.replace(plan, quant=r, window=window)
+    return dataclasses.replace(plan, quant=r, window=plan.kept_window(site.window))
