@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import ensure_layer, find_caches
-from .calibrate import LayerFeeder, calibration_ids, collect_stats, record_all, run_calls
+from .calibrate import LayerFeeder, RecordedCalls, calibration_ids, collect_stats, record_all, run_calls
 from .capture import capture, default_example_inputs, run_cache_free
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
@@ -57,7 +57,8 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
 
     ``policy``: a :class:`~kvpass.Policy`, a form, or a list of forms (all layers); default
     ``Full()`` (kvpass's own attention and cache, same results).  ``calibration``: token ids,
-    text, a list of texts or a text-file path (text needs ``tokenizer``) — used by passes that
+    text, a list of texts or a text-file path (text needs ``tokenizer``), or the attention
+    modules' recorded inputs (:class:`kvpass.calibrate.RecordedCalls`) — used by passes that
     calibrate and by ``heal`` (``True`` = :data:`kvpass.heal.HEAL_DEFAULT_STEPS` Adam steps per
     layer, or an int; ``heal_lr`` its Adam learning rate).  Layers are calibrated and healed in
     order, each on the outputs of the already rewritten layers before it.  The model is copied
@@ -115,6 +116,12 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     if not lossy:
         return model
     need = steps > 0 or any(needs_calibration(f) for s in lossy for f in chosen[s.name])
+    if isinstance(calibration, RecordedCalls):  # recorded attention inputs (the streaming rewrite)
+        if steps or any(f.kind == "mhc" and f.allocate for s in lossy for f in chosen[s.name]):
+            raise KVPassError("calibration: recorded calls serve per-layer passes only; healing and "
+                              "MHC(allocate=True) run the whole model and need token ids")
+        _rewrite_layers(model, source, lossy, chosen, lowered, calibration, (0, heal_lr), report, progress)
+        return model
     ids = calibration_ids(calibration, tokenizer) if calibration is not None else None
     if need and ids is None:
         raise KVPassError("this policy calibrates (similarity grouping, calibrated merge or heal): "
@@ -145,7 +152,10 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, pr
     if alloc:
         ranks, report.allocation = mhc.allocate_ranks(model, [s for s in lossy if s.name in alloc], alloc,
                                                       lowered, ids, progress)
-    feeder = LayerFeeder(model, names, ids) if ids is not None else None
+    if isinstance(ids, RecordedCalls):
+        feeder, ids = ids, None
+    else:
+        feeder = LayerFeeder(model, names, ids) if ids is not None else None
     originals = record_all(source, names, ids) if steps and source is not None else None
     for site in tqdm(lossy, desc="kvpass: rewriting layers", disable=not progress):
         att = lowered[site.name]

@@ -26,7 +26,7 @@ from torch import nn
 from .capture import bind_call, run_cache_free
 from .errors import KVPassError
 
-__all__ = ["calibration_ids", "layer_inputs", "KVStats", "collect_stats"]
+__all__ = ["calibration_ids", "layer_inputs", "KVStats", "collect_stats", "RecordedCalls"]
 
 
 def calibration_ids(calibration, tokenizer=None, *, length: int = 256, max_chunks: int = 16) -> torch.Tensor:
@@ -220,6 +220,31 @@ class LayerFeeder:
         finally:
             h.remove()
         return got
+
+
+class RecordedCalls:
+    """Calibration given as the calls each attention module receives, recorded elsewhere,
+    instead of token ids: ``{attention module name: [call kwargs, ...]}``.
+
+    :func:`kvpass.optimize` takes one as ``calibration=`` for per-layer passes (not for MHC
+    rank allocation or healing, which run the whole model).  The streaming checkpoint rewrite
+    (:mod:`kvpass.stream`) uses it: it carries the calibration activations through the layers
+    itself, one layer in memory, and hands each layer's attention its recorded inputs.
+
+    Example:
+        >>> import torch
+        >>> rec = RecordedCalls({"model.layers.0.self_attn": [{"hidden_states": torch.zeros(1, 4, 8)}]})
+        >>> rec.inputs("model.layers.0.self_attn")[0]["hidden_states"].shape
+        torch.Size([1, 4, 8])
+    """
+
+    def __init__(self, calls: dict[str, list[dict]]):
+        self.calls = calls
+
+    def inputs(self, name: str) -> list[dict]:
+        if not self.calls.get(name):
+            raise KVPassError(f"{name}: no recorded calibration calls (recorded: {sorted(self.calls)})")
+        return self.calls[name]
 
 
 def _block_list(model: nn.Module, names: list[str]):

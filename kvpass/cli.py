@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Read SRC, apply POLICY (calibrating on --calibration text where the policy "
                     "needs it), and write OUT: a native transformers checkpoint where one exists "
                     "(uniform SharedKV with contiguous groups -> fewer num_key_value_heads), else a "
-                    "kvpass checkpoint for kvpass.from_pretrained(OUT). SRC is never modified; OUT is "
+                    "kvpass checkpoint for kvpass.from_pretrained(OUT). Policies whose forms act per "
+                    "layer (all but cross-layer sharing, MHC allocate and --heal) are applied layer by "
+                    "layer from the shards, calibration activations carried from layer to layer: memory "
+                    "is about one decoder layer, not the model. SRC is never modified; OUT is "
                     "written to a temporary folder and renamed at the end; an existing OUT is refused "
                     "unless --force. Exit code 2 with one line on bad input.",
         epilog=EPILOG + "\nPOLICY: a .json/.yaml policy file, inline JSON, or forms like "

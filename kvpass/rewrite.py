@@ -20,9 +20,11 @@ renamed at the end (an interrupted run, even ``kill -9``, leaves no ``OUT``); an
 ``OUT`` is refused unless ``force``; pickle (``.bin``) sources are refused unless
 ``allow_pickle`` (then loaded by transformers with ``weights_only=True``).
 
-Policies that change each layer from its own weights (no calibration, heal or cross-layer
-sharing) are applied **layer by layer** from the shards (:mod:`kvpass.stream`: about one layer in
-memory); the others load the whole model (fp32) and optimise it in memory.
+Policies whose forms change each layer from that layer's own weights and inputs -- every
+form except cross-layer sharing and MHC rank allocation, and no ``heal`` -- are applied **layer
+by layer** from the shards (:mod:`kvpass.stream`: about one layer in memory, calibration
+activations carried from layer to layer); the others load the whole model (fp32) and optimise
+it in memory.  Both give the same weights.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
         if sp.reason is None:
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             summary = stream_rewrite(folder, out, policy, sp, dtype=torch_dtype, native=native, source=source,
-                                     tokenizer=tok, progress=progress)
+                                     tokenizer=tok, calibration=_calibration_text(calibration),
+                                     progress=progress)
             return {"source": str(folder), "out": str(out), "seconds": time.perf_counter() - t0, **summary}
         streamed_reason = sp.reason
     else:
@@ -256,10 +259,7 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     except Exception as e:  # noqa: BLE001 -- transformers' many error types: one clear line
         raise CheckpointError(f"{folder}: could not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                               ) from e
-    ids = None
-    if calibration is not None:
-        ids = Path(calibration).read_text(encoding="utf-8") if _is_file(calibration) else calibration
-    fast = optimize(model, policy, calibration=ids, tokenizer=tok, heal=heal, progress=progress)
+    fast = optimize(model, policy, calibration=_calibration_text(calibration), tokenizer=tok, heal=heal, progress=progress)
     before, after = kv_bytes_per_token(model), kv_bytes_per_token(fast)
     if torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
@@ -273,6 +273,12 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     return {"source": str(folder), "out": str(out), "format": kind, "seconds": time.perf_counter() - t0,
             "streamed": False, "why_not_streamed": streamed_reason,
             "kv_bytes_per_token": {"before": before, "after": after}}
+
+
+def _calibration_text(calibration: str | None) -> str | None:
+    if calibration is None:
+        return None
+    return Path(calibration).read_text(encoding="utf-8") if _is_file(calibration) else calibration
 
 
 def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None:
@@ -302,6 +308,8 @@ def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None
 def main_summary(summary: dict) -> str:
     b = summary["kv_bytes_per_token"]
     how = "layer by layer" if summary.get("streamed") else f"in memory ({summary.get('why_not_streamed')})"
+    if summary.get("calibration_bytes"):
+        how += f", calibration activations {summary['calibration_bytes'] / 1e6:.0f} MB"
     return (f"wrote {summary['out']} ({summary['format']} checkpoint, {how}) in {summary['seconds']:.1f}s; "
             f"KV cache {b['before']:,} -> {b['after']:,} bytes/token ({b['before'] / b['after']:.2f}x smaller)")
 

@@ -1,17 +1,27 @@
 """Streaming checkpoint rewrite: one decoder layer in memory at a time.
 
-Used by ``kvpass rewrite`` when the policy changes each layer from that layer's own weights
-alone (no calibration, no healing, no cross-layer sharing): ``Full``, ``Window``, ``Sparse``,
-``SharedKV`` (contiguous groups, mean merge) and ``MHC(method="svd")`` without allocation or
-refit.  Other policies need activations and go through the in-memory path.
+Used by ``kvpass rewrite`` when every form of the policy changes a layer from that layer's own
+weights and inputs: all forms except cross-layer sharing (``SharedKV(cross_layer>1)``) and MHC
+rank allocation (``allocate=True``), and no healing.  Those need several layers at once and go
+through the in-memory path.
 
 How: a *structural twin* is built from the source config -- one decoder layer with the same
-attention shapes (tiny MLP and vocabulary) -- and captured once (``optimize(twin)``).  For
-each real layer ``i``, only its attention tensors are read from the shards into the twin's
-layer, the passes run on it (re-planning the twin's capture), and the rewritten attention
-tensors, renamed to layer ``i``, go to that layer's output shard together with the layer's
-other tensors, copied through.  Peak memory is about one layer (source + rewritten) plus the
-twin, whatever the model's depth.
+attention shapes -- and captured once (``optimize(twin)``).  For each real layer ``i``, its
+tensors are read from the shards into the twin's layer, the passes run on it (re-planning the
+twin's capture), and the rewritten attention tensors, renamed to layer ``i``, go to that
+layer's output shard; the layer's other tensors are copied through.  Peak memory is about one
+layer (source + rewritten) plus the twin, whatever the model's depth.
+
+Calibrating policies (whitened/aware MHC, refit, similarity grouping, calibrated merge) carry
+the calibration activations through the layers: the twin then has the real MLP and, as its
+vocabulary, only the calibration text's tokens (their embedding rows read from the shards, so
+everything the model computes before its first layer -- embedding scale, positions, masks --
+is its own).  The first layer's calls are recorded once; for each layer ``i`` (loaded whole),
+the attention's inputs are recorded from the block's calls and handed to the passes
+(:class:`kvpass.calibrate.RecordedCalls`), and the block, *as rewritten*, then turns the
+hidden states into layer ``i + 1``'s -- the same order and the same activations as
+``optimize()`` in memory (the results are equal).  Memory: one fp32 layer plus the activations
+(a few copies of ``tokens x hidden`` fp32; the summary's ``calibration_bytes``).
 
 Speed: tensors the passes do not touch (most of the bytes: MLPs, embeddings) are copied
 through by a second thread as undecoded byte ranges (``os.copy_file_range``) into their own
@@ -35,12 +45,14 @@ import re
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .capture import bind_call
 from .checkpoint import FORMAT, _structural, plan_record, resolved, staged
 from .errors import KVPassError
 from .lower import KVAttention
@@ -57,25 +69,29 @@ class StreamPlan:
     twin_config: object
     layers: int
     reason: str | None = None  # why not streamable (None: streamable)
+    calibrate: bool = False  # some form calibrates: activations are carried through the layers
 
 
 def _streamable_form(f) -> bool:
-    if f.kind in ("full", "window", "sparse"):
+    """Forms that change a layer from that layer's own weights and inputs alone."""
+    if f.kind in ("full", "window", "sparse", "quantize"):
         return True
     if f.kind == "shared_kv":
-        return f.cross_layer == 1 and f.grouping == "contiguous" and f.merge == "mean"
+        return f.cross_layer == 1
     if f.kind == "mhc":
-        return f.method == "svd" and not f.allocate and not f.refit
+        return not f.allocate
     return False
 
 
 def plan(folder: Path, policy: Policy, heal: int) -> StreamPlan:
     """Whether ``policy`` can be applied to the checkpoint in ``folder`` layer by layer."""
-    import transformers as tf
+    from .passes import needs_calibration
 
     cfg = json.loads((folder / "config.json").read_text())
     n = cfg.get("num_hidden_layers")
     out = StreamPlan(cfg, None, n or 0)
+    forms = set(policy.default).union(*policy.layers.values())
+    out.calibrate = any(needs_calibration(f) for f in forms)
     if heal:
         out.reason = "healing trains on activations"
     elif not isinstance(n, int) or n < 1:
@@ -83,24 +99,32 @@ def plan(folder: Path, policy: Policy, heal: int) -> StreamPlan:
     elif len(set(cfg.get("layer_types") or ["one"])) != 1:
         out.reason = "layers of different kinds (layer_types)"
     else:
-        forms = set(policy.default).union(*policy.layers.values())
         bad = sorted({f.kind for f in forms if not _streamable_form(f)})
         if bad:
-            out.reason = f"forms {bad} (as configured) need calibration or several layers at once"
+            out.reason = f"forms {bad} (as configured) need several layers at once (cross-layer, allocate)"
     if out.reason is None:
-        twin = dict(cfg, num_hidden_layers=1, **{k: v for k, v in _TWIN.items() if k in cfg})
-        if cfg.get("layer_types"):
-            twin["layer_types"] = cfg["layer_types"][:1]
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            ids = twin.get(key)
-            if isinstance(ids, int) and ids >= _TWIN["vocab_size"] or isinstance(ids, list):
-                twin[key] = None
-        twin.pop("kvpass", None)
         try:
-            out.twin_config = tf.AutoConfig.for_model(**twin)
+            out.twin_config = twin_config(cfg, _TWIN["vocab_size"], mlp=not out.calibrate)
         except Exception as e:  # noqa: BLE001
             out.reason = f"cannot build a one-layer twin from the config ({type(e).__name__})"
     return out
+
+
+def twin_config(cfg: dict, vocab: int, *, mlp: bool):
+    """The one-layer twin's config: ``vocab`` tokens; a tiny MLP when ``mlp`` (the layer's
+    real MLP is needed only to carry calibration activations)."""
+    import transformers as tf
+
+    small = dict(_TWIN, vocab_size=vocab) if mlp else {"vocab_size": vocab}
+    twin = dict(cfg, num_hidden_layers=1, **{k: v for k, v in small.items() if k in cfg})
+    if cfg.get("layer_types"):
+        twin["layer_types"] = cfg["layer_types"][:1]
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = twin.get(key)
+        if isinstance(ids, int) and ids >= vocab or isinstance(ids, list):
+            twin[key] = None
+    twin.pop("kvpass", None)
+    return tf.AutoConfig.for_model(**twin)
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -132,6 +156,21 @@ class _Reader:
         if self._open is None or self._open[0] != f:
             self._open = (f, safe_open(str(f), "pt"))
         return self._open[1].get_tensor(name)
+
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (sorted) of a tensor, read without loading the rest (the embedding
+        rows of the calibration tokens, not the whole vocabulary)."""
+        r = self.raw(name)
+        dtype = {v: k for k, v in _ST_DTYPES.items()}[r.dtype]
+        row = r.size // r.shape[0]
+        buf = bytearray(row * len(index))
+        with open(r.path, "rb") as h:
+            for j, i in enumerate(index.tolist()):
+                got = os.pread(h.fileno(), row, r.offset + i * row)
+                if len(got) != row:
+                    raise KVPassError(f"{r.path}: truncated in {name}")
+                buf[j * row:(j + 1) * row] = got
+        return torch.frombuffer(buf, dtype=dtype).view(len(index), *r.shape[1:])
 
     def raw(self, name: str) -> _Raw:
         f = self.files[name]
@@ -214,30 +253,116 @@ def _copy_range(src, out, count: int, offset: int) -> int:
     return len(data)
 
 
-def _twin(auto, config, reader: _Reader):
+def _twin(auto, config, reader: _Reader, vocab_rows: torch.Tensor | None = None):
     """The one-layer twin, built without random initialisation (a big layer's init costs
     seconds): tensors the source's layer 0 has with the same name and shape are taken from
-    it, the rest (tiny MLP, vocabulary) drawn small."""
+    it, the rest (tiny MLP, vocabulary) drawn small.
+
+    ``vocab_rows`` (calibrating): the twin's vocabulary is these source tokens, in order --
+    vocabulary-sized tensors (embeddings) get their rows -- and every tensor must come from
+    the source (a random one would make the calibration activations meaningless)."""
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
         twin = auto.from_config(config).eval()
     g = torch.Generator().manual_seed(0)
+    loaded, missing = set(), []
     with torch.no_grad():
         for name, t in twin.state_dict().items():
-            if name in reader.files and reader.raw(name).shape == tuple(t.shape):
+            raw = reader.raw(name) if name in reader.files else None
+            if raw is not None and raw.shape == tuple(t.shape):
                 t.copy_(reader.get(name).to(t.dtype))
-            elif t.is_floating_point() and not name.endswith(("inv_freq", "original_inv_freq")):
-                t.copy_(torch.ones_like(t) if t.dim() == 1 else torch.randn(t.shape, generator=g) * 0.02)
+            elif (raw is not None and vocab_rows is not None and raw.shape[1:] == tuple(t.shape[1:])
+                  and t.dim() and t.shape[0] == len(vocab_rows)):
+                t.copy_(reader.rows(name, vocab_rows).to(t.dtype))
+            else:
+                missing.append((name, t))
+                continue
+            loaded.add(t.data_ptr())
+            if vocab_rows is not None and t.dim() and t.shape[0] == len(vocab_rows):
+                loaded.add("vocab")
+        for name, t in missing:
+            if t.data_ptr() in loaded or not t.is_floating_point() or name.endswith(("inv_freq", "original_inv_freq")):
+                continue  # tied to a loaded tensor, integer or derived buffers
+            if vocab_rows is not None and "vocab" in loaded and t.dim() and t.shape[0] == len(vocab_rows):
+                t.zero_()  # a tied output head the source stores once (as the embedding): logits unused
+                continue
+            if vocab_rows is not None:
+                raise KVPassError(f"streaming rewrite: the source has no tensor {name} {tuple(t.shape)}; "
+                                  "calibrating layer by layer needs every tensor of the model's first layer "
+                                  "and embeddings (use --in-memory)")
+            t.copy_(torch.ones_like(t) if t.dim() == 1 else torch.randn(t.shape, generator=g) * 0.02)
     return twin
 
 
+_SHARE_ABOVE = 1 << 20  # elements: parameters this big outside the attention are shared, not copied
+
+
+@contextmanager
+def _outside_shared(model, keep: str):
+    """Within the block, the model's big parameters outside ``keep`` (a module name: the MLP,
+    embeddings) are empty, so that ``optimize`` (which copies the model) does not copy them;
+    after it they are back, and given to the models in the list yielded (by reference).
+    Buffers and small tensors stay (position tables are replayed from them)."""
+    tensors = [(n, t) for n, t in model.named_parameters()
+               if not n.startswith(keep + ".") and t.numel() > _SHARE_ABOVE]
+    saved = [t.data for _, t in tensors]
+    copies: list = []
+    for _, t in tensors:
+        t.data = torch.empty(0, dtype=t.dtype)
+    try:
+        yield copies
+    finally:
+        for (_, t), d in zip(tensors, saved):
+            t.data = d
+        for other in copies:
+            mine = dict(other.named_parameters())
+            for (n, _), d in zip(tensors, saved):
+                if n in mine:
+                    mine[n].data = d
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _attention_calls(block, attention, calls: list[dict]) -> list[dict]:
+    """The calls ``attention`` receives when ``block`` runs on ``calls`` (stopped there)."""
+    from .calibrate import _detach, _Stop
+
+    got: list[dict] = []
+
+    def hook(m, args, kwargs):
+        got.append({k: _detach(v) for k, v in bind_call(m, args, kwargs).items()})
+        raise _Stop
+
+    h = attention.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for c in calls:
+                try:
+                    block(**c)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return got
+
+
 def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, dtype: torch.dtype,
-                   native: bool, source: dict, tokenizer, progress: bool = True) -> dict:
+                   native: bool, source: dict, tokenizer, calibration=None, progress: bool = True) -> dict:
     """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes)."""
     import transformers as tf
 
     from .api import kv_bytes_per_token, optimize
+    from .calibrate import RecordedCalls, _hidden_key, calibration_ids, record_all
+    from .passes import needs_calibration
     from .rewrite import native_shared_kv, window_changes
 
     causal = any(a.endswith("ForCausalLM") for a in sp.config.get("architectures") or [])
@@ -246,8 +371,18 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
     reader = _Reader(files)
     target = _ST_DTYPES.get(dtype)
     t0 = time.perf_counter()
+    ids = vocab = None
+    if sp.calibrate:
+        if calibration is None:
+            raise KVPassError("this policy calibrates (whitened/aware MHC, similarity grouping, calibrated "
+                              "merge or refit): pass --calibration TEXT_OR_FILE")
+        ids = calibration_ids(calibration, tokenizer)
+        vocab, ids = torch.unique(ids, return_inverse=True)  # the twin's vocabulary: these tokens
     with staged(out) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
-        twin = _twin(auto, sp.twin_config, reader)
+        if sp.calibrate:
+            twin = _twin(auto, twin_config(sp.config, len(vocab), mlp=False), reader, vocab)
+        else:
+            twin = _twin(auto, sp.twin_config, reader)
         base = optimize(twin, inplace=True)
         sites = [s for s in base._kvpass.sites if s.name]
         if len(sites) != 1:
@@ -288,8 +423,17 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             weight_map.update(dict.fromkeys(keys, name))
             copies.append(pool.submit(lambda keys=keys, name=name:
                                       write_shard(tmp / name, {k: through(k) for k in keys})))
-        twin_params = dict(base.named_parameters())
-        attn_keys = [k for k in base.state_dict() if k.startswith(site.name + ".")]
+        twin_tensors = dict(base.named_parameters()) | dict(base.named_buffers())
+        block = f"{layer_root}.0"  # the twin's one decoder layer
+        # each layer loads its attention; calibrating, its whole block (norms, MLP) as well
+        prefix = block if sp.calibrate else site.name
+        load_keys = [k for k in base.state_dict() if k.startswith(prefix + ".")]
+        calls, hidden, calib_bytes = None, None, 0
+        if sp.calibrate:  # the calls of the first block on the calibration tokens
+            calls = record_all(base, [block], ids)[block]
+            hidden = _hidden_key(base, [block], {block: calls})
+            if hidden is None or calls[0][hidden].shape[-1] != sp.config.get("hidden_size", -1):
+                raise KVPassError(f"streaming rewrite: cannot tell the hidden-state input of {block}")
         structural, plans, layer_forms = {}, {}, []
         before = kv_bytes_per_token(base) * n
         after = 0
@@ -297,11 +441,31 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         for i in tqdm(range(n), desc="kvpass: rewriting layers (streaming)", disable=not progress):
             real = real_name(i)
             with torch.no_grad():
-                for k in attn_keys:
-                    if k in twin_params:
-                        twin_params[k].copy_(reader.get(real + k[len(site.name):]).float())
+                for k in load_keys:
+                    name = f"{layer_root}.{i}." + k[len(block) + 1:] if sp.calibrate else real + k[len(site.name):]
+                    if k not in twin_tensors:
+                        continue
+                    if name not in files:
+                        raise KVPassError(f"streaming rewrite: the source has no tensor {name}")
+                    twin_tensors[k].copy_(reader.get(name).to(twin_tensors[k].dtype))
             forms = policy.forms_for(i, real)
-            fast = optimize(base, Policy(default=forms))
+            recorded = None
+            if calls is not None and any(needs_calibration(f) for f in forms):
+                att_calls = _attention_calls(base.get_submodule(block), base.get_submodule(site.name), calls)
+                recorded = RecordedCalls({site.name: att_calls})
+                calib_bytes = max(calib_bytes, _tensor_bytes(calls) + _tensor_bytes(att_calls))
+            with _outside_shared(base, site.name) as shared:
+                try:
+                    fast = optimize(base, Policy(default=forms), calibration=recorded)
+                except KVPassError as e:  # name the real layer, not the twin's
+                    raise type(e)(str(e).replace(site.name, real)) from e
+                shared.append(fast)
+            del recorded
+            if calls is not None and i + 1 < n:  # carry the hidden state through the rewritten layer
+                with torch.no_grad():
+                    for c in calls:
+                        y = fast.get_submodule(block)(**c)
+                        c[hidden] = y[0] if isinstance(y, (tuple, list)) else y
             att = next(m for m in fast.modules() if isinstance(m, KVAttention))
             after += kv_bytes_per_token(fast)
             layer_forms.append(att.kv_core.forms)
@@ -344,4 +508,4 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return {"format": fmt, "streamed": True, "seconds_layers": time.perf_counter() - t0,
-            "kv_bytes_per_token": {"before": before, "after": after}}
+            "calibration_bytes": calib_bytes, "kv_bytes_per_token": {"before": before, "after": after}}

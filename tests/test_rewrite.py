@@ -126,11 +126,42 @@ def test_streaming_rewrite_equals_optimize(sharded, tmp_path, capsys, policy, fo
     assert kvpass.kv_bytes_per_token(again) == kvpass.kv_bytes_per_token(fast)
 
 
-def test_calibrating_policy_says_why_it_is_not_streamed(sharded, tmp_path, capsys):
-    out = tmp_path / "mem"
-    assert main(["rewrite", str(sharded), str(out), "--policy", "mhc:rank=12,method=whitened",
-                 "--calibration", TEXT]) == 0
-    assert "in memory (forms ['mhc']" in capsys.readouterr().out
+@pytest.mark.parametrize("policy,form", [
+    ("mhc:rank=12,method=whitened,refit=true", kvpass.MHC(rank=12, method="whitened", refit=True)),
+    ("shared_kv:kv_heads=1,grouping=similarity,merge=calibrated+window:size=6,sinks=2",
+     [kvpass.SharedKV(kv_heads=1, grouping="similarity", merge="calibrated"), kvpass.Window(6, 2)]),
+    ("mhc:rank=12,method=aware+quantize:bits=4,group=4",
+     [kvpass.MHC(rank=12, method="aware"), kvpass.Quantize(bits=4, group=4)]),
+])
+def test_calibrating_rewrite_streams_and_equals_optimize(sharded, tmp_path, capsys, monkeypatch, policy, form):
+    """Calibrating policies stream too: the calibration activations are carried through a
+    one-layer twin holding each real layer in turn, each rewritten before the next is fed;
+    the result equals optimize() in memory on the same text (which runs the whole model)."""
+    import kvpass.stream
+
+    monkeypatch.setattr(kvpass.stream, "_SHARE_ABOVE", 0)  # the MLP/embeddings shared, not copied
+    out = tmp_path / "streamed"
+    assert main(["rewrite", str(sharded), str(out), "--policy", policy, "--calibration", TEXT]) == 0
+    assert "layer by layer" in capsys.readouterr().out
+    again = kvpass.from_pretrained(out)
+    model, tok = models.load(sharded)
+    fast = kvpass.optimize(model, form, calibration=TEXT, tokenizer=tok)
+    torch.testing.assert_close(_logits(again), _logits(fast), atol=1e-5, rtol=1e-5)
+    assert (_logits(fast) - _logits(model)).abs().max() > 1e-2
+    # calibration matters: another text gives another model
+    other = kvpass.optimize(model, form, calibration="A different text altogether, " * 60, tokenizer=tok)
+    assert (_logits(other) - _logits(again)).abs().max() > 1e-4
+
+
+def test_streaming_needs_calibration_and_says_why_not_streamed(sharded, tmp_path, capsys):
+    assert main(["rewrite", str(sharded), str(tmp_path / "a"), "--policy", "mhc:rank=12,method=whitened"]) == 2
+    assert "pass --calibration" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main(["rewrite", str(sharded), str(tmp_path / "b"), "--policy", "shared_kv:kv_heads=2,cross_layer=2"]) == 0
+    assert "in memory (forms ['shared_kv']" in capsys.readouterr().out
+    assert main(["rewrite", str(sharded), str(tmp_path / "c"), "--policy", "mhc:rank=12,method=svd",
+                 "--calibration", TEXT, "--heal", "1"]) == 0
+    assert "in memory (healing" in capsys.readouterr().out
 
 
 def test_existing_output_is_refused_unless_forced(src, tmp_path, capsys):
