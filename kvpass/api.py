@@ -16,7 +16,7 @@ from .capture import capture, default_example_inputs, run_cache_free
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
 from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
-from .passes import PASSES, PassContext, mhc, needs_calibration
+from .passes import PASSES, PassContext, mhc, needs_calibration, needs_stats
 from .policy import Form, Full, Policy
 from .sites import AttentionSite, find_sites_in
 
@@ -164,7 +164,7 @@ def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, pr
         calls = feeder.inputs(site.name) if wants and feeder is not None else None
         teacher = snapshot(att) if steps else None
         stats = None
-        if calls is not None and any(needs_calibration(f) for f in forms):
+        if calls is not None and any(needs_stats(f) for f in forms):
             with torch.no_grad(), collect_stats(att.kv_core) as stats:
                 run_calls(att, calls)
         ctx = PassContext(weights, stats, calls, ranks, progress=progress)

@@ -146,22 +146,26 @@ class _Reader:
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
-        self._open: tuple[Path, object] | None = None
         self._headers: dict[Path, tuple[int, dict]] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        f = self.files[name]
-        if self._open is None or self._open[0] != f:
-            self._open = (f, safe_open(str(f), "pt"))
-        return self._open[1].get_tensor(name)
+        """The tensor, read with plain file reads into its own memory (no memory map: a mapped
+        shard's touched pages would count as this process's memory until it is closed)."""
+        r = self.raw(name)
+        buf = bytearray(r.size)
+        with open(r.path, "rb") as h:
+            h.seek(r.offset)
+            if h.readinto(buf) != r.size:
+                raise KVPassError(f"{r.path}: truncated in {name}")
+        if not r.size:
+            return torch.empty(r.shape, dtype=_TORCH_DTYPES[r.dtype])
+        return torch.frombuffer(buf, dtype=_TORCH_DTYPES[r.dtype]).view(r.shape)
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (sorted) of a tensor, read without loading the rest (the embedding
         rows of the calibration tokens, not the whole vocabulary)."""
         r = self.raw(name)
-        dtype = {v: k for k, v in _ST_DTYPES.items()}[r.dtype]
+        dtype = _TORCH_DTYPES[r.dtype]
         row = r.size // r.shape[0]
         buf = bytearray(row * len(index))
         with open(r.path, "rb") as h:
@@ -198,6 +202,7 @@ class _Raw:
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
               torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def write_shard(path: Path, entries: dict[str, torch.Tensor | _Raw]) -> None:
@@ -271,7 +276,7 @@ def _twin(auto, config, reader: _Reader, vocab_rows: torch.Tensor | None = None)
         for name, t in twin.state_dict().items():
             raw = reader.raw(name) if name in reader.files else None
             if raw is not None and raw.shape == tuple(t.shape):
-                t.copy_(reader.get(name).to(t.dtype))
+                t.copy_(reader.get(name))  # converts in place: no second copy
             elif (raw is not None and vocab_rows is not None and raw.shape[1:] == tuple(t.shape[1:])
                   and t.dim() and t.shape[0] == len(vocab_rows)):
                 t.copy_(reader.rows(name, vocab_rows).to(t.dtype))
@@ -361,7 +366,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
     import transformers as tf
 
     from .api import kv_bytes_per_token, optimize
-    from .calibrate import RecordedCalls, _hidden_key, calibration_ids, record_all
+    from .calibrate import RecordedCalls, _hidden_key, calibration_ids, layer_inputs
     from .passes import needs_calibration
     from .rewrite import native_shared_kv, window_changes
 
@@ -430,7 +435,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         load_keys = [k for k in base.state_dict() if k.startswith(prefix + ".")]
         calls, hidden, calib_bytes = None, None, 0
         if sp.calibrate:  # the calls of the first block on the calibration tokens
-            calls = record_all(base, [block], ids)[block]
+            calls = layer_inputs(base, block, ids)  # stops there: the block runs only when carried
             hidden = _hidden_key(base, [block], {block: calls})
             if hidden is None or calls[0][hidden].shape[-1] != sp.config.get("hidden_size", -1):
                 raise KVPassError(f"streaming rewrite: cannot tell the hidden-state input of {block}")
@@ -447,7 +452,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
                         continue
                     if name not in files:
                         raise KVPassError(f"streaming rewrite: the source has no tensor {name}")
-                    twin_tensors[k].copy_(reader.get(name).to(twin_tensors[k].dtype))
+                    twin_tensors[k].copy_(reader.get(name))
             forms = policy.forms_for(i, real)
             recorded = None
             if calls is not None and any(needs_calibration(f) for f in forms):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from . import mhc, quantize, shared_kv, sparse, window
 
-__all__ = ["PASSES", "PassContext", "needs_calibration"]
+__all__ = ["PASSES", "PassContext", "needs_calibration", "needs_stats"]
 
 PASSES = {"shared_kv": shared_kv.apply, "window": window.apply, "sparse": sparse.apply, "mhc": mhc.apply,
           "quantize": quantize.apply}
@@ -40,3 +40,11 @@ def needs_calibration(form) -> bool:
     if form.kind == "mhc":
         return mhc.needs_calibration(form)
     return False
+
+
+def needs_stats(form) -> bool:
+    """Whether the pass reads ``ctx.stats`` (second moments of q/k/v over the calibration
+    calls: one more run of the layer on them), not only ``ctx.calls``."""
+    if form.kind == "shared_kv":
+        return needs_calibration(form)
+    return form.kind == "mhc" and form.method == "aware"
