@@ -435,7 +435,9 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         load_keys = [k for k in base.state_dict() if k.startswith(prefix + ".")]
         calls, hidden, calib_bytes = None, None, 0
         if sp.calibrate:  # the calls of the first block on the calibration tokens
-            calls = layer_inputs(base, block, ids)  # stops there: the block runs only when carried
+            # stopped there: the block runs only when carried; one sequence per call keeps the
+            # block's transients (the MLP's inner activations) small
+            calls = layer_inputs(base, block, ids, batch_size=1)
             hidden = _hidden_key(base, [block], {block: calls})
             if hidden is None or calls[0][hidden].shape[-1] != sp.config.get("hidden_size", -1):
                 raise KVPassError(f"streaming rewrite: cannot tell the hidden-state input of {block}")
@@ -465,7 +467,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
                 except KVPassError as e:  # name the real layer, not the twin's
                     raise type(e)(str(e).replace(site.name, real)) from e
                 shared.append(fast)
-            del recorded
+            recorded = att_calls = None  # freed before the block runs
             if calls is not None and i + 1 < n:  # carry the hidden state through the rewritten layer
                 with torch.no_grad():
                     for c in calls:
