@@ -90,11 +90,14 @@ def _numel(shape) -> int:
     return n
 
 
-RUNNER = ("import resource, sys, time\n"
+# peak RSS as this process's own high-water mark (VmHWM): getrusage's ru_maxrss survives
+# exec, so a child would report the bench parent's peak (it held the synthetic checkpoint)
+RUNNER = ("import re, sys, time\n"
           "import torch, transformers, kvpass.rewrite, kvpass.stream  # imports are not the rewrite\n"
           "from kvpass.cli import main\n"
           "t = time.perf_counter(); rc = main(sys.argv[1:]); dt = time.perf_counter() - t\n"
-          "print('KVPASS_BENCH', rc, dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+          "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+          "print('KVPASS_BENCH', rc, dt, hwm, flush=True)\n")
 
 
 def main() -> None:

@@ -268,8 +268,8 @@ def _twin(auto, config, reader: _Reader, vocab_rows: torch.Tensor | None = None)
     the source (a random one would make the calibration activations meaningless)."""
     from transformers.initialization import no_init_weights
 
-    with no_init_weights():
-        twin = auto.from_config(config).eval()
+    with no_init_weights():  # fp32 whatever the source's dtype: the passes compute as in memory
+        twin = auto.from_config(config, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     loaded, missing = set(), []
     with torch.no_grad():

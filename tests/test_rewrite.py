@@ -153,6 +153,26 @@ def test_calibrating_rewrite_streams_and_equals_optimize(sharded, tmp_path, caps
     assert (_logits(other) - _logits(again)).abs().max() > 1e-4
 
 
+def test_bf16_source_streams_in_fp32_like_the_in_memory_rewrite(tmp_path):
+    """A bf16 checkpoint is computed in fp32 layer by layer, as optimize() does after loading
+    it in fp32 (a twin in the source's dtype would calibrate on bf16 activations)."""
+    tok = tf.AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(4)
+    src = tmp_path / "bf16"
+    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src)
+    tok.save_pretrained(src)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    out = tmp_path / "out"
+    assert main(["rewrite", str(src), str(out), "--policy", "mhc:rank=12,method=whitened",
+                 "--calibration", TEXT]) == 0
+    again = kvpass.from_pretrained(out)
+    model, tok = models.load(src)
+    fast = kvpass.optimize(model, kvpass.MHC(rank=12, method="whitened"), calibration=TEXT, tokenizer=tok)
+    torch.testing.assert_close(_logits(again), _logits(fast), atol=1e-5, rtol=1e-5)
+
+
 def test_streaming_needs_calibration_and_says_why_not_streamed(sharded, tmp_path, capsys):
     assert main(["rewrite", str(sharded), str(tmp_path / "a"), "--policy", "mhc:rank=12,method=whitened"]) == 2
     assert "pass --calibration" in capsys.readouterr().err
