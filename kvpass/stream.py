@@ -20,8 +20,11 @@ is its own).  The first layer's calls are recorded once; for each layer ``i`` (l
 the attention's inputs are recorded from the block's calls and handed to the passes
 (:class:`kvpass.calibrate.RecordedCalls`), and the block, *as rewritten*, then turns the
 hidden states into layer ``i + 1``'s -- the same order and the same activations as
-``optimize()`` in memory (the results are equal).  Memory: one fp32 layer plus the activations
-(a few copies of ``tokens x hidden`` fp32; the summary's ``calibration_bytes``).
+``optimize()`` in memory (the results are equal).  Memory: the MLP (and the embeddings, once
+the first layer's inputs are recorded) is out of memory while the passes run and read only to
+carry the activations, so the peak is the larger of (attention + the passes' work) and (one
+fp32 layer), plus the activations (two copies of ``tokens x hidden`` fp32; the summary's
+``calibration_bytes``).
 
 Speed: tensors the passes do not touch (most of the bytes: MLPs, embeddings) are copied
 through by a second thread as undecoded byte ranges (``os.copy_file_range``) into their own
@@ -45,7 +48,6 @@ import re
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,31 +302,7 @@ def _twin(auto, config, reader: _Reader, vocab_rows: torch.Tensor | None = None)
     return twin
 
 
-_SHARE_ABOVE = 1 << 20  # elements: parameters this big outside the attention are shared, not copied
-
-
-@contextmanager
-def _outside_shared(model, keep: str):
-    """Within the block, the model's big parameters outside ``keep`` (a module name: the MLP,
-    embeddings) are empty, so that ``optimize`` (which copies the model) does not copy them;
-    after it they are back, and given to the models in the list yielded (by reference).
-    Buffers and small tensors stay (position tables are replayed from them)."""
-    tensors = [(n, t) for n, t in model.named_parameters()
-               if not n.startswith(keep + ".") and t.numel() > _SHARE_ABOVE]
-    saved = [t.data for _, t in tensors]
-    copies: list = []
-    for _, t in tensors:
-        t.data = torch.empty(0, dtype=t.dtype)
-    try:
-        yield copies
-    finally:
-        for (_, t), d in zip(tensors, saved):
-            t.data = d
-        for other in copies:
-            mine = dict(other.named_parameters())
-            for (n, _), d in zip(tensors, saved):
-                if n in mine:
-                    mine[n].data = d
+_BIG = 1 << 20  # elements: tensors this big outside the attention (MLP, embeddings) are held only when run
 
 
 def _tensor_bytes(obj) -> int:
@@ -441,6 +419,14 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             hidden = _hidden_key(base, [block], {block: calls})
             if hidden is None or calls[0][hidden].shape[-1] != sp.config.get("hidden_size", -1):
                 raise KVPassError(f"streaming rewrite: cannot tell the hidden-state input of {block}")
+        # big tensors outside the attention are out of memory while the passes run: the block's
+        # (MLP) are read for the carry only, the embeddings are done with
+        big = []
+        for k, t in base.named_parameters():
+            if sp.calibrate and not k.startswith(site.name + ".") and t.numel() > _BIG:
+                t.data = torch.empty(0, dtype=t.dtype)
+                if k.startswith(block + "."):
+                    big.append(k)
         structural, plans, layer_forms = {}, {}, []
         before = kv_bytes_per_token(base) * n
         after = 0
@@ -454,25 +440,24 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
                         continue
                     if name not in files:
                         raise KVPassError(f"streaming rewrite: the source has no tensor {name}")
+                    if k in big:
+                        continue
                     twin_tensors[k].copy_(reader.get(name))
             forms = policy.forms_for(i, real)
             recorded = None
             if calls is not None and any(needs_calibration(f) for f in forms):
-                att_calls = _attention_calls(base.get_submodule(block), base.get_submodule(site.name), calls)
+                try:
+                    att_calls = _attention_calls(base.get_submodule(block), base.get_submodule(site.name), calls)
+                except RuntimeError as e:
+                    raise KVPassError(f"streaming rewrite: {block} runs more than its norms before its attention "
+                                      f"({str(e).splitlines()[0]}); use --in-memory") from e
                 recorded = RecordedCalls({site.name: att_calls})
                 calib_bytes = max(calib_bytes, _tensor_bytes(calls) + _tensor_bytes(att_calls))
-            with _outside_shared(base, site.name) as shared:
-                try:
-                    fast = optimize(base, Policy(default=forms), calibration=recorded)
-                except KVPassError as e:  # name the real layer, not the twin's
-                    raise type(e)(str(e).replace(site.name, real)) from e
-                shared.append(fast)
+            try:
+                fast = optimize(base, Policy(default=forms), calibration=recorded)
+            except KVPassError as e:  # name the real layer, not the twin's
+                raise type(e)(str(e).replace(site.name, real)) from e
             recorded = att_calls = None  # freed before the block runs
-            if calls is not None and i + 1 < n:  # carry the hidden state through the rewritten layer
-                with torch.no_grad():
-                    for c in calls:
-                        y = fast.get_submodule(block)(**c)
-                        c[hidden] = y[0] if isinstance(y, (tuple, list)) else y
             att = next(m for m in fast.modules() if isinstance(m, KVAttention))
             after += kv_bytes_per_token(fast)
             layer_forms.append(att.kv_core.forms)
@@ -491,7 +476,16 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             name = shard.format(2 + 2 * i, total_shards)
             write_shard(tmp / name, new)
             weight_map.update(dict.fromkeys(new, name))
-            del fast, att, state, new
+            del att, state, new
+            if calls is not None and i + 1 < n:  # carry the hidden state through the rewritten layer
+                params = dict(fast.named_parameters())
+                with torch.no_grad():
+                    for k in big:  # this layer's MLP, for the carry only
+                        params[k].data = reader.get(f"{layer_root}.{i}." + k[len(block) + 1:]).float()
+                    for c in calls:
+                        y = fast.get_submodule(block)(**c)
+                        c[hidden] = y[0] if isinstance(y, (tuple, list)) else y
+            del fast
         for c in copies:
             c.result()  # re-raises a failed copy
         config = dict(sp.config)

@@ -139,7 +139,7 @@ def test_calibrating_rewrite_streams_and_equals_optimize(sharded, tmp_path, caps
     the result equals optimize() in memory on the same text (which runs the whole model)."""
     import kvpass.stream
 
-    monkeypatch.setattr(kvpass.stream, "_SHARE_ABOVE", 0)  # the MLP/embeddings shared, not copied
+    monkeypatch.setattr(kvpass.stream, "_BIG", 1000)  # the MLP/embeddings held only when run
     out = tmp_path / "streamed"
     assert main(["rewrite", str(sharded), str(out), "--policy", policy, "--calibration", TEXT]) == 0
     assert "layer by layer" in capsys.readouterr().out
