@@ -485,6 +485,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
                     for c in calls:
                         y = fast.get_submodule(block)(**c)
                         c[hidden] = y[0] if isinstance(y, (tuple, list)) else y
+                del params, y  # the MLP goes with them
             del fast
         for c in copies:
             c.result()  # re-raises a failed copy
