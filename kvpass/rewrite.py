@@ -259,7 +259,8 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     except Exception as e:  # noqa: BLE001 -- transformers' many error types: one clear line
         raise CheckpointError(f"{folder}: could not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                               ) from e
-    fast = optimize(model, policy, calibration=_calibration_text(calibration), tokenizer=tok, heal=heal, progress=progress)
+    fast = optimize(model, policy, calibration=_calibration_text(calibration), tokenizer=tok, heal=heal,
+                    progress=progress)
     before, after = kv_bytes_per_token(model), kv_bytes_per_token(fast)
     if torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
