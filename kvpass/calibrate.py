@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,26 +60,32 @@ class _Stop(Exception):
     pass
 
 
-def layer_inputs(model: nn.Module, module_name: str, ids: torch.Tensor, batch_size: int = 4) -> list[dict]:
-    """The calls (flat keyword dicts) ``module_name`` receives on ``ids``, batch by batch."""
-    mod = model.get_submodule(module_name)
+def calls_into(module: nn.Module, runs) -> list[dict]:
+    """The calls (flat keyword dicts) ``module`` receives while each of ``runs`` (callables)
+    runs; each run is stopped there (nothing after ``module`` runs)."""
     calls: list[dict] = []
 
     def hook(m, args, kwargs):
         calls.append({k: _detach(v) for k, v in bind_call(m, args, kwargs).items()})
         raise _Stop
 
-    h = mod.register_forward_pre_hook(hook, with_kwargs=True)
+    h = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for start in range(0, len(ids), batch_size):
+            for run in runs:
                 try:
-                    _forward(model, ids[start:start + batch_size])
+                    run()
                 except _Stop:
                     pass
     finally:
         h.remove()
     return calls
+
+
+def layer_inputs(model: nn.Module, module_name: str, ids: torch.Tensor, batch_size: int = 4) -> list[dict]:
+    """The calls (flat keyword dicts) ``module_name`` receives on ``ids``, batch by batch."""
+    return calls_into(model.get_submodule(module_name),
+                      [partial(_forward, model, ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)])
 
 
 def _detach(v):
@@ -203,23 +210,8 @@ class LayerFeeder:
                     out = self.model.get_submodule(names[i])(**c)
                     nxt[self.key] = out[0] if isinstance(out, (tuple, list)) else out
         self.ready = target
-        got: list[dict] = []
-
-        def hook(m, args, kwargs):
-            got.append({k: _detach(v) for k, v in bind_call(m, args, kwargs).items()})
-            raise _Stop
-
-        h = self.model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for c in self.calls[names[target]]:
-                    try:
-                        self.model.get_submodule(names[target])(**c)
-                    except _Stop:
-                        pass
-        finally:
-            h.remove()
-        return got
+        block = self.model.get_submodule(names[target])
+        return calls_into(self.model.get_submodule(name), [partial(block, **c) for c in self.calls[names[target]]])
 
 
 class RecordedCalls:

@@ -49,12 +49,12 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .capture import bind_call
 from .checkpoint import FORMAT, _structural, plan_record, resolved, staged
 from .errors import KVPassError
 from .lower import KVAttention
@@ -315,36 +315,13 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _attention_calls(block, attention, calls: list[dict]) -> list[dict]:
-    """The calls ``attention`` receives when ``block`` runs on ``calls`` (stopped there)."""
-    from .calibrate import _detach, _Stop
-
-    got: list[dict] = []
-
-    def hook(m, args, kwargs):
-        got.append({k: _detach(v) for k, v in bind_call(m, args, kwargs).items()})
-        raise _Stop
-
-    h = attention.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for c in calls:
-                try:
-                    block(**c)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-    return got
-
-
 def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, dtype: torch.dtype,
                    native: bool, source: dict, tokenizer, calibration=None, progress: bool = True) -> dict:
     """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes)."""
     import transformers as tf
 
     from .api import kv_bytes_per_token, optimize
-    from .calibrate import RecordedCalls, _hidden_key, calibration_ids, layer_inputs
+    from .calibrate import RecordedCalls, _hidden_key, calibration_ids, calls_into, layer_inputs
     from .passes import needs_calibration
     from .rewrite import native_shared_kv, window_changes
 
@@ -447,7 +424,8 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             recorded = None
             if calls is not None and any(needs_calibration(f) for f in forms):
                 try:
-                    att_calls = _attention_calls(base.get_submodule(block), base.get_submodule(site.name), calls)
+                    twin_block = base.get_submodule(block)
+                    att_calls = calls_into(base.get_submodule(site.name), [partial(twin_block, **c) for c in calls])
                 except RuntimeError as e:
                     raise KVPassError(f"streaming rewrite: {block} runs more than its norms before its attention "
                                       f"({str(e).splitlines()[0]}); use --in-memory") from e
