@@ -246,7 +246,7 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
         if sp.reason is None:
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             summary = stream_rewrite(folder, out, policy, sp, dtype=torch_dtype, native=native, source=source,
-                                     tokenizer=tok, calibration=_calibration_text(calibration),
+                                     tokenizer=tok, calibration=calibration,
                                      progress=progress)
             return {"source": str(folder), "out": str(out), "seconds": time.perf_counter() - t0, **summary}
         streamed_reason = sp.reason
@@ -259,7 +259,7 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     except Exception as e:  # noqa: BLE001 -- transformers' many error types: one clear line
         raise CheckpointError(f"{folder}: could not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                               ) from e
-    fast = optimize(model, policy, calibration=_calibration_text(calibration), tokenizer=tok, heal=heal,
+    fast = optimize(model, policy, calibration=calibration, tokenizer=tok, heal=heal,
                     progress=progress)
     before, after = kv_bytes_per_token(model), kv_bytes_per_token(fast)
     if torch_dtype != torch.float32:
@@ -274,12 +274,6 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     return {"source": str(folder), "out": str(out), "format": kind, "seconds": time.perf_counter() - t0,
             "streamed": False, "why_not_streamed": streamed_reason,
             "kv_bytes_per_token": {"before": before, "after": after}}
-
-
-def _calibration_text(calibration: str | None) -> str | None:
-    if calibration is None:
-        return None
-    return Path(calibration).read_text(encoding="utf-8") if _is_file(calibration) else calibration
 
 
 def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None:

@@ -273,7 +273,7 @@ def _twin(auto, config, reader: _Reader, vocab_rows: torch.Tensor | None = None)
     with no_init_weights():  # fp32 whatever the source's dtype: the passes compute as in memory
         twin = auto.from_config(config, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
-    loaded, missing = set(), []
+    loaded, missing, vocab_loaded = set(), [], False
     with torch.no_grad():
         for name, t in twin.state_dict().items():
             raw = reader.raw(name) if name in reader.files else None
@@ -281,17 +281,16 @@ def _twin(auto, config, reader: _Reader, vocab_rows: torch.Tensor | None = None)
                 t.copy_(reader.get(name))  # converts in place: no second copy
             elif (raw is not None and vocab_rows is not None and raw.shape[1:] == tuple(t.shape[1:])
                   and t.dim() and t.shape[0] == len(vocab_rows)):
-                t.copy_(reader.rows(name, vocab_rows).to(t.dtype))
+                t.copy_(reader.rows(name, vocab_rows))
             else:
                 missing.append((name, t))
                 continue
             loaded.add(t.data_ptr())
-            if vocab_rows is not None and t.dim() and t.shape[0] == len(vocab_rows):
-                loaded.add("vocab")
+            vocab_loaded |= vocab_rows is not None and t.dim() > 0 and t.shape[0] == len(vocab_rows)
         for name, t in missing:
             if t.data_ptr() in loaded or not t.is_floating_point() or name.endswith(("inv_freq", "original_inv_freq")):
                 continue  # tied to a loaded tensor, integer or derived buffers
-            if vocab_rows is not None and "vocab" in loaded and t.dim() and t.shape[0] == len(vocab_rows):
+            if vocab_loaded and t.dim() and t.shape[0] == len(vocab_rows):
                 t.zero_()  # a tied output head the source stores once (as the embedding): logits unused
                 continue
             if vocab_rows is not None:
