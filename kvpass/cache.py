@@ -347,6 +347,7 @@ class KVQuantLayer(KVRingLayer):
         self.kq = self.vq = None
         self.rk = self.rv = self.rpos = None
         self.last_positions: Tensor | None = None  # positions of the last update's new tokens
+        self._n_int: int | None = 0  # tokens seen, when every row has seen as many (else None)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -375,6 +376,8 @@ class KVQuantLayer(KVRingLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, _, S, _ = key_states.shape
+        if lazy and S == 1 and self._n_int is not None and self._append(key_states, value_states, valid):
+            return None
         if valid is None:
             valid = torch.ones(B, S, dtype=torch.bool, device=key_states.device)
         rule, spec = self.rule, self.spec
@@ -430,7 +433,28 @@ class KVQuantLayer(KVRingLayer):
             self.rpos[bi, idx] = opos[bi, ti]
         self.step = step
         self.last_positions = pos
+        self._n_int = int(n_new[0]) if bool((n_new == n_new[0]).all()) else None
         return step
+
+    def _append(self, k: Tensor, v: Tensor, valid: Tensor | None) -> bool:
+        """A lazy decode step that flushes nothing, when every row has seen the same ``n``
+        tokens and the new one is real: the token goes to residual slot ``n - flushed(n)``,
+        which the general path's rebuild would give it (the residual keeps its tokens at
+        ``pos - flushed``, and ``flushed`` does not move).  -> False where that does not hold
+        (the general path runs)."""
+        n, rule = self._n_int, self.rule
+        if rule.flushed(n + 1) != rule.flushed(n) or (valid is not None and not bool(valid.all())):
+            return False
+        i = n - rule.flushed(n)
+        self.rk[:, :, i] = k[:, :, 0].to(self.rk.dtype)
+        self.rv[:, :, i] = v[:, :, 0].to(self.rv.dtype)
+        self.rpos[:, i] = n
+        self.cumulative_length += 1
+        self.n_seen = self.n_seen + 1
+        self._n_int = n + 1
+        self.last_positions = torch.full((k.shape[0], 1), n, dtype=torch.long, device=k.device)
+        self.step = None
+        return True
 
     def current(self) -> tuple[Tensor, Tensor, Tensor]:
         """(keys, values, k_pos) of the cache as it is: the store dequantized, then the residual
@@ -463,8 +487,11 @@ class KVQuantLayer(KVRingLayer):
                 self.vq.select(fn)
             self.rk, self.rv, self.rpos = fn(self.rk), fn(self.rv), fn(self.rpos)
             self.positions, self.n_seen = fn(self.positions), fn(self.n_seen)
+            self._n_int = int(self.n_seen[0]) if self.n_seen.numel() and bool(
+                (self.n_seen == self.n_seen[0]).all()) else None
         self.step = None
 
     def reset(self) -> None:
         super().reset()
         self.kq = self.vq = self.rk = self.rv = self.rpos = None
+        self._n_int = 0
