@@ -303,14 +303,14 @@ def _prepare_caches(model: nn.Module, args, kwargs):
         model.__dict__["_kvpass_cores"] = known
     cores = known[1]
     for cache in caches:
-        layers = cache.layers
-        key = (id(model), tuple(map(id, layers)), tuple(id(c.plan) for c in cores))
+        # the objects themselves, not their ids (an id can be reused); tuples compare by identity first
+        key = (id(model), tuple(cache.layers), tuple(c.plan for c in cores))
         if getattr(cache, "_kvpass_prepared", None) == key:
             continue  # prepared by this model, plans and layers unchanged: a decode step
         for c in sorted(cores, key=lambda c: c.producer is not None):
             ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring(),
                          quant=c.plan.quant)
-        cache._kvpass_prepared = (id(model), tuple(map(id, cache.layers)), tuple(id(c.plan) for c in cores))
+        cache._kvpass_prepared = (id(model), tuple(cache.layers), tuple(c.plan for c in cores))
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
