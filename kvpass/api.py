@@ -302,15 +302,14 @@ def _prepare_caches(model: nn.Module, args, kwargs):
         known = (report, [m.kv_core for m in model.modules() if isinstance(m, KVAttention)])
         model.__dict__["_kvpass_cores"] = known
     cores = known[1]
+    plans = tuple(c.plan for c in cores)  # the objects, not their ids (an id can be reused)
     for cache in caches:
-        # the objects themselves, not their ids (an id can be reused); tuples compare by identity first
-        key = (id(model), tuple(cache.layers), tuple(c.plan for c in cores))
-        if getattr(cache, "_kvpass_prepared", None) == key:
+        if getattr(cache, "_kvpass_prepared", None) == (id(model), tuple(cache.layers), plans):
             continue  # prepared by this model, plans and layers unchanged: a decode step
         for c in sorted(cores, key=lambda c: c.producer is not None):
             ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring(),
                          quant=c.plan.quant)
-        cache._kvpass_prepared = (id(model), tuple(cache.layers), tuple(c.plan for c in cores))
+        cache._kvpass_prepared = (id(model), tuple(cache.layers), plans)
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -266,6 +266,11 @@ class KVRingLayer(DynamicLayer):
         self.cumulative_length = 0
 
 
+def _uniform(n_seen: Tensor) -> int | None:
+    """The count every row shares, or None if rows differ (or there are none)."""
+    return int(n_seen[0]) if n_seen.numel() and bool((n_seen == n_seen[0]).all()) else None
+
+
 class _QPart:
     """One quantized tensor of a :class:`KVQuantLayer` (keys or values): packed codes
     [B, H, slots, W·bits/8], scale/zero [B, H, slots, W/group] (token axis) or
@@ -433,7 +438,7 @@ class KVQuantLayer(KVRingLayer):
             self.rpos[bi, idx] = opos[bi, ti]
         self.step = step
         self.last_positions = pos
-        self._n_int = int(n_new[0]) if bool((n_new == n_new[0]).all()) else None
+        self._n_int = _uniform(n_new)
         return step
 
     def _append(self, k: Tensor, v: Tensor, valid: Tensor | None) -> bool:
@@ -487,8 +492,7 @@ class KVQuantLayer(KVRingLayer):
                 self.vq.select(fn)
             self.rk, self.rv, self.rpos = fn(self.rk), fn(self.rv), fn(self.rpos)
             self.positions, self.n_seen = fn(self.positions), fn(self.n_seen)
-            self._n_int = int(self.n_seen[0]) if self.n_seen.numel() and bool(
-                (self.n_seen == self.n_seen[0]).all()) else None
+            self._n_int = _uniform(self.n_seen)
         self.step = None
 
     def reset(self) -> None:

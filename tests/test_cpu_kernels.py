@@ -139,3 +139,13 @@ def test_the_op_and_the_direct_call_agree():
     a = quant_attention(q, store, residual, spec, q_pos, k_pos)
     b = torch.ops.kvpass.quant_attention(q, *store, *residual, q_pos, k_pos, None, [], spec.to_json())
     assert torch.allclose(a, b)
+
+
+def test_a_residual_longer_than_a_chunk_falls_back():
+    """The kernel keeps one chunk's logits on its stack: a longer residual (a large
+    ``Quantize(residual=...)``) goes to the reference instead of overflowing it."""
+    spec, q, store, residual, q_pos, k_pos = _case(0, 1, 2, 1, 16, 64, cpu.CHUNK + 1, 4, 16, "channel", "token", (),
+                                                   None, 0, None, False, False)
+    assert cpu.quant_decode(q, *store, *residual, spec, q_pos, k_pos) is None
+    ref = _quant_reference(q, *store, *residual, q_pos, k_pos, None, [], spec)
+    assert torch.allclose(quant_attention(q, store, residual, spec, q_pos, k_pos), ref)

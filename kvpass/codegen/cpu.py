@@ -504,7 +504,6 @@ def _kernel(spec: KernelSpec):
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
-@lru_cache(maxsize=256)
 def _library(text: str):
     cc = compiler()
     key = hashlib.sha256((text + "\0" + " ".join(_FLAGS) + "\0" + str(cc)).encode()).hexdigest()[:20]
@@ -532,8 +531,10 @@ def quant_decode(q: Tensor, kc: Tensor, ks: Tensor, kz: Tensor, vc: Tensor, vs: 
                  k_pos: Tensor) -> Tensor | None:
     """Decode attention (one query) over a quantized store as :func:`kvpass.codegen.ops._quant_reference`
     defines it, by the generated C kernel. -> [B, H, 1, Dv], or None where no kernel applies
-    (:func:`supports`, more than one query, tensors not on the CPU)."""
-    if supports(spec) is not None or q.shape[2] != 1 or q.device.type != "cpu" or q.dtype != torch.float32:
+    (:func:`supports`, more than one query, tensors not on the CPU, a residual longer than one
+    chunk: the kernel holds a chunk's logits on the stack)."""
+    if (supports(spec) is not None or q.shape[2] != 1 or q.device.type != "cpu" or q.dtype != torch.float32
+            or rk.shape[2] > CHUNK):
         return None
     fn = _kernel(spec)
     B, H = q.shape[:2]

@@ -565,10 +565,9 @@ def _quant_op(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, q_pos, k_pos, block_mask,
     spec = _spec(spec_json)
     mode = kernel_mode(q.device)
     if mode == "reference":
-        if q.device.type == "cpu" and cpu.enabled():  # generated C kernel where one applies
-            out = cpu.quant_decode(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, spec, q_pos, k_pos)
-            if out is not None:
-                return out.to(q.dtype)
+        out = cpu.quant_decode(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, spec, q_pos, k_pos) if cpu.enabled() else None
+        if out is not None:  # the generated C kernel, where one applies (CPU, fp32, ...)
+            return out
         return _quant_reference(q, kc, ks, kz, vc, vs, vz, rk, rv, rpos, q_pos, k_pos, block_mask, latent, spec)
     if mode == "triton" and q.device.type != "cuda":
         raise CodegenError("KVPASS_KERNELS=triton needs CUDA tensors (use 'interpret' on CPU)")
@@ -594,11 +593,10 @@ def quant_attention(q: Tensor, store: tuple[Tensor, ...], residual: tuple[Tensor
     (:class:`kvpass.quant.QuantRule`).  With a latent spec the "keys" are the latent and
     ``latent`` its weights (value tensors are then unused placeholders).
     """
-    if (latent is None and block_mask is None and _eager_cpu(q) and cpu.enabled()):
-        # eager CPU decode: the generated C kernel without the op's dispatch (~0.2 ms a call)
-        out = cpu.quant_decode(q, *store, *residual, spec, q_pos, k_pos)
+    if _eager_cpu(q) and cpu.enabled():  # the C kernel without the op's dispatch (~0.2 ms a call)
+        out = cpu.quant_decode(q, *store, *residual, spec, q_pos, k_pos)  # None: the spec needs the op
         if out is not None:
-            return out.to(q.dtype)
+            return out
     lat = list(latent) if latent is not None else []
     return torch.ops.kvpass.quant_attention(q, *store, *residual, q_pos, k_pos, block_mask, lat,
                                             spec.to_json())
