@@ -1,7 +1,7 @@
 """Windowed and sparse attention on SmolLM2-135M: quality, long-range recall, cache bytes.
 
-One run compares the original model with each policy on held-out text (Emma; nothing is
-calibrated, so no calibration text is needed):
+One run compares the original model with each policy on held-out text (Emma; the hybrids'
+full layers are chosen on the calibration text, Persuasion, never on the evaluation):
 
 - perplexity of ``--len-a``-token chunks and of ``--len-b``-token chunks;
 - long-range perplexity: only targets at positions >= ``--late`` of the long chunks;
@@ -10,8 +10,18 @@ calibrated, so no calibration text is needed):
 - a greedy generation of ``--gen`` tokens with ``Window(512, sinks=4)`` and with the original
   model, cache bytes measured from the cache tensors after every step (plot).
 
+Hybrids: full attention on a few layers, windows elsewhere — fixed layers (``--hybrid-full``),
+the layers with most far attention (``--hybrid-auto``), and ``--search-full`` layers chosen by
+a greedy pass-key search (:func:`kvpass.passes.window.retrieval_layers`, ~30 min on 2 cores)
+with the largest window that keeps the cache at ``--len-b`` tokens within 1/4 of the original's.
+
     python bench/window_sparse.py --json bench/results/window_sparse_smollm2.json \\
         --plot bench/results/window_sparse_cache.png
+    # only some policies, added to that file (its original row reused, same-label rows replaced):
+    python bench/window_sparse.py --update --only passkey-searched "window 1024" --hybrid-auto 0 --gen 0 \\
+        --json bench/results/window_sparse_smollm2.json
+    # Window(512, 4) perplexity over more chunks:
+    python bench/window_sparse.py --ppl-only --chunks-a 22 --only "window 512, sinks" --json <file>
 """
 
 from __future__ import annotations
@@ -29,15 +39,20 @@ from kvpass import models
 from kvpass.cache import cache_nbytes, find_caches
 from kvpass.evaluate import passkey_accuracy, passkey_retained, perplexity_by_position, plot_passkey
 from kvpass.evaluate_basic import perplexity
-from kvpass.passes.window import far_attention, hybrid_layers
+from kvpass.passes.window import far_attention, hybrid_layers, hybrid_window, retrieval_layers
 from kvpass.text import load_text, token_chunks
 
 W = kvpass.Window
 
 
-def policies(n_layers: int, hybrid_full: list[int], auto_full: list[int] | None = None) -> dict[str, object]:
+def policies(n_layers: int, hybrid_full: list[int], auto_full: list[int] | None = None,
+             searched: tuple[list[int], int] | None = None) -> dict[str, object]:
     hybrid = kvpass.Policy(default=W(512, sinks=4), layers={i: kvpass.Full() for i in hybrid_full})
     auto = {}
+    if searched:
+        layers, window = searched
+        auto[f"hybrid: full on passkey-searched layers {layers}, window {window}+4 elsewhere"] = kvpass.Policy(
+            default=W(window, sinks=4), layers={i: kvpass.Full() for i in layers})
     if auto_full:
         auto[f"hybrid: full on far-attention layers {auto_full}, window 512+4 elsewhere"] = kvpass.Policy(
             default=W(512, sinks=4), layers={i: kvpass.Full() for i in auto_full})
@@ -57,13 +72,12 @@ def policies(n_layers: int, hybrid_full: list[int], auto_full: list[int] | None 
     }
 
 
-def measure(model, tok, a_chunks, b_chunks, late, lengths, depths) -> dict:
+def measure(model, tok, a_chunks, b_chunks, late, lengths, depths, ppl_only=False) -> dict:
     t = time.time()
-    row = {
-        "ppl_a": perplexity(model, a_chunks, batch_size=1, progress=False),
-        **_long_chunks(model, b_chunks, late),
-        "passkey": passkey_accuracy(model, tok, lengths, depths, progress=False),
-    }
+    row = {"ppl_a": perplexity(model, a_chunks, batch_size=1, progress=False)}
+    if not ppl_only:
+        row.update(_long_chunks(model, b_chunks, late),
+                   passkey=passkey_accuracy(model, tok, lengths, depths, progress=False))
     row["seconds"] = round(time.time() - t, 1)
     return row
 
@@ -112,37 +126,71 @@ def main() -> None:
     ap.add_argument("--hybrid-full", type=int, nargs="+", default=[0, 8, 16, 24])
     ap.add_argument("--hybrid-auto", type=int, default=4,
                     help="also a hybrid keeping full the k layers with most far attention on calibration text")
+    ap.add_argument("--search-full", type=int, default=6,
+                    help="also a hybrid of this many full layers chosen by a greedy pass-key search on calibration "
+                         "text (kvpass.passes.window.retrieval_layers), the largest window that keeps the cache at "
+                         "len-b <= 1/4 elsewhere (0: skip)")
+    ap.add_argument("--searched-layers", type=int, nargs="+", default=None,
+                    help="skip the search: these layers (from an earlier run's JSON 'retrieval_search')")
+    ap.add_argument("--text", default="eval", help="held-out text (kvpass.text.load_text name or a file)")
+    ap.add_argument("--ppl-only", action="store_true",
+                    help="only the len-a perplexity (e.g. over more chunks: --chunks-a 22); no search, no generation")
     ap.add_argument("--only", nargs="*", default=None, help="substrings of policy labels to run")
     ap.add_argument("--gen", type=int, default=4096, help="tokens to generate for the cache trace (0: skip)")
     ap.add_argument("--skip-original", type=Path, default=None,
                     help="reuse the original model's row from this earlier JSON (same settings)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--update", action="store_true",
+                    help="add to an existing --json of the same settings: reuse its original row and other rows, "
+                         "replace the rows of the policies run now")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = models.load(args.model)
-    text = load_text("eval")
+    text = load_text(args.text)
+    if args.ppl_only:
+        args.search_full = args.hybrid_auto = args.gen = 0
     a_chunks = token_chunks(tok, text, args.len_a, args.chunks_a)
     b_chunks = token_chunks(tok, text, args.len_b, args.chunks_b)
     n_layers = len(kvpass.find_sites(model))
-    out = {"model": args.model, "text": "emma (held out)", "len_a": args.len_a, "chunks_a": len(a_chunks),
+    out = {"model": args.model, "text": "emma (held out)" if args.text == "eval" else args.text,
+           "len_a": args.len_a, "chunks_a": len(a_chunks),
            "len_b": args.len_b, "chunks_b": len(b_chunks), "late": args.late, "rows": []}
 
     def save():
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(out, indent=1))
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(out, indent=1))
+            tmp.replace(args.json)
+
+    def put(row):  # a policy run again replaces its earlier row (--update)
+        labels = [r["label"] for r in out["rows"]]
+        if row["label"] in labels:
+            out["rows"][labels.index(row["label"])] = row
+        else:
+            out["rows"].append(row)
 
     full_bytes = {n: kvpass.kv_cache_bytes(model, n) for n in (args.len_a, args.len_b)}
-    if args.skip_original:
+    prev = json.loads(args.json.read_text()) if args.update and args.json and args.json.exists() else None
+    if prev:
+        keys = ("model", "text", "len_a", "chunks_a", "len_b", "chunks_b", "late")
+        other = [k for k in keys if prev.get(k) != out[k]]
+        if prev["rows"][0].get("passkey", {}).get("lengths") not in (None, args.passkey_lengths):
+            other.append("passkey lengths")
+        if other:
+            raise SystemExit(f"--update: {args.json} was measured with other settings ({', '.join(other)})")
+        out = {**prev, "rows": list(prev["rows"])}
+        base = out["rows"][0]
+    elif args.skip_original:
         base = json.loads(args.skip_original.read_text())["rows"][0]
     else:
-        base = measure(model, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths)
+        base = measure(model, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths,
+                       args.ppl_only)
     base.update(label="original", cache_a=full_bytes[args.len_a], cache_b=full_bytes[args.len_b])
-    out["rows"].append(base)
+    put(base)
     print(_fmt(base, base), flush=True)
     save()
-    grids = {"original": base["passkey"]}
     lowered = kvpass.optimize(model, kvpass.Full())
     auto = None
     if args.hybrid_auto:  # chosen on calibration text (Persuasion), never on the evaluation
@@ -151,19 +199,31 @@ def main() -> None:
         auto = hybrid_layers(mass, args.hybrid_auto)
         out["far_attention"] = {"window": [512, 4], "per_layer": mass, "chosen": auto}
         print("far attention (window 512+4) per layer:", {k: round(v, 3) for k, v in mass.items()}, "->", auto)
-    for label, policy in policies(n_layers, args.hybrid_full, auto).items():
+    searched = None
+    if args.search_full:  # chosen on calibration text (Persuasion) prompts, never the evaluation's filler
+        window = hybrid_window(lowered, args.searched_layers or args.search_full, args.len_b, ratio=0.25, sinks=4)
+        t = time.time()
+        layers = args.searched_layers or retrieval_layers(
+            lowered, tok, args.search_full, window, sinks=4, filler=load_text("calibration"))
+        out["retrieval_search"] = {"full_layers": layers, "window": [window, 4], "reused": bool(args.searched_layers),
+                                   "seconds": round(time.time() - t, 1)}
+        searched = (layers, window)
+        print("passkey-searched full layers:", layers, f"window {window}+4 elsewhere", flush=True)
+    for label, policy in policies(n_layers, args.hybrid_full, auto, searched).items():
         if args.only and not any(s in label for s in args.only):
             continue
         fast = kvpass.retarget(lowered, policy)  # == optimize(model, policy); no re-trace per policy
-        row = measure(fast, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths)
+        row = measure(fast, tok, a_chunks, b_chunks, args.late, args.passkey_lengths, args.passkey_depths,
+                      args.ppl_only)
         row.update(label=label, policy=kvpass.Policy.of(policy).to_dict(),
                    cache_a=kvpass.kv_cache_bytes(fast, args.len_a), cache_b=kvpass.kv_cache_bytes(fast, args.len_b))
-        row["passkey_vs_original"] = passkey_retained(base["passkey"], row["passkey"])
-        grids[label] = row["passkey"]
-        out["rows"].append(row)
+        if not args.ppl_only:
+            row["passkey_vs_original"] = passkey_retained(base["passkey"], row["passkey"])
+        put(row)
         print(_fmt(row, base), flush=True)
         save()
-    if args.plot:
+    if args.plot and not args.ppl_only:
+        grids = {r["label"]: r["passkey"] for r in out["rows"] if "passkey" in r}
         plot_passkey(grids, args.plot.with_name(args.plot.stem + "_passkey.png"))
     if args.gen:
         prompt = token_chunks(tok, text, 32, 1)
@@ -189,13 +249,13 @@ def main() -> None:
 
 
 def _fmt(row: dict, base: dict) -> str:
-    pk = row["passkey"]["accuracy"]
-    ret = row.get("passkey_vs_original", {}).get("retained")
     rel = (row["ppl_a"] / base["ppl_a"] - 1) * 100
-    return (f"{row['label']:<62} ppl@{'a'} {row['ppl_a']:8.3f} ({rel:+.1f}%)  ppl@b {row['ppl_b']:8.3f}  "
-            f"late ppl {row['long_range_ppl_b']:8.3f}  passkey {pk:.2f}"
-            f"{'' if ret is None else f' (retained {ret:.2f})'}  cache@b {row['cache_b'] / base['cache_b']:.3f}x"
-            f"  [{row['seconds']} s]")
+    line = f"{row['label']:<62} ppl@a {row['ppl_a']:8.3f} ({rel:+.2f}%)  "
+    if "passkey" in row:
+        ret = row.get("passkey_vs_original", {}).get("retained")
+        line += (f"ppl@b {row['ppl_b']:8.3f}  late ppl {row['long_range_ppl_b']:8.3f}  "
+                 f"passkey {row['passkey']['accuracy']:.2f}{'' if ret is None else f' (retained {ret:.2f})'}  ")
+    return line + f"cache@b {row['cache_b'] / base['cache_b']:.3f}x  [{row['seconds']} s]"
 
 
 def _plot(tw, tf, path: Path) -> None:

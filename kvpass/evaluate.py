@@ -28,6 +28,7 @@ import os
 import random
 import re
 import sys
+import textwrap
 import types
 from collections.abc import Sequence
 from functools import lru_cache
@@ -260,18 +261,25 @@ def plot_passkey(results: dict[str, dict], path: str | os.PathLike) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results) + 0.8, 3.2), squeeze=False)
-    for ax, (label, res) in zip(axes[0], results.items()):
+    cols = min(4, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.9, 3.5 * rows), squeeze=False)
+    flat = axes.ravel().tolist()
+    for n, (ax, (label, res)) in enumerate(zip(flat, results.items())):
         image = ax.imshow(res["grid"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         ax.set_xticks(range(len(res["depths"])), [f"{d:g}" for d in res["depths"]])
         ax.set_yticks(range(len(res["lengths"])), [str(n) for n in res["lengths"]])
         ax.set_xlabel("key depth")
-        ax.set_ylabel("prompt tokens")
-        ax.set_title(label)
+        if n % cols == 0:
+            ax.set_ylabel("prompt tokens")
+        ax.set_title(textwrap.fill(label, 34), fontsize=9)
         for i, row in enumerate(res["grid"]):
             for j, acc in enumerate(row):
                 ax.text(j, i, f"{acc:.2g}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
+    for ax in flat[len(results):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.colorbar(image, ax=flat, label="passkey accuracy", shrink=0.8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return os.fspath(path)

@@ -15,7 +15,7 @@ from kvpass import reference
 from kvpass.blocks import BlockTable, SparsePattern
 from kvpass.cache import KVRingLayer, RingSpec, cache_nbytes, token_positions
 from kvpass.errors import SiteError
-from kvpass.lower import KVCore
+from kvpass.lower import KVAttention, KVCore
 from kvpass.passes.sparse import pattern_of
 
 
@@ -332,3 +332,63 @@ def test_far_attention_measures_what_a_window_hides():
     assert set(none) == set(some) == {0, 1}
     assert all(v == 0 for v in none.values()) and all(0.2 < v < 1 for v in some.values())
     assert len(hybrid_layers(some, 1)) == 1
+
+
+class _CharTokenizer:
+    """One id per character: enough of a tokenizer for pass-key prompts on a tiny model."""
+
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False, verbose=False):
+        out = {"input_ids": [1 + ord(c) % (fam.VOCAB - 1) for c in text]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return out
+
+
+def test_retrieval_layers_is_greedy_on_the_answer_log_probability():
+    from kvpass.evaluate import _last_logits, passkey_prompt
+    from kvpass.passes.window import retrieval_layers
+
+    tok, model = _CharTokenizer(), _llama(layers=3, seed=3)
+    fast = kvpass.optimize(model, kvpass.Full())
+    kw = dict(window=8, sinks=2, lengths=(150,), depths=(0.2,), seed=5, progress=False)
+    one = retrieval_layers(fast, tok, 1, **kw)
+    # brute force: the same prompt, each layer full in turn
+    import random
+
+    prompt, answer = passkey_prompt(tok, 150, 0.2, random.Random(5).randint(10_000, 99_999))
+    ids = torch.cat([prompt[0], answer])[None]
+    scores = {}
+    for layer in range(3):
+        kvpass.retarget(fast, kvpass.Policy(default=kvpass.Window(8, sinks=2), layers={layer: kvpass.Full()}))
+        with torch.no_grad():
+            logp = _last_logits(fast, ids, len(answer) + 1)[0, :-1].log_softmax(-1)
+        scores[layer] = float(logp.gather(-1, answer[:, None]).mean())
+    assert len(set(scores.values())) == 3  # the layers do differ: the argmax means something
+    assert one == [max(scores, key=scores.get)]
+
+    two = retrieval_layers(fast, tok, 2, **kw)
+    assert two == sorted(set(two)) and len(two) == 2 and one[0] in two
+    windows = {m.site.layer: m.kv_core.plan.window for m in fast.modules() if isinstance(m, KVAttention)}
+    assert windows == {i: (None if i in two else 8) for i in range(3)}  # left with the chosen hybrid
+    with pytest.raises(ValueError, match="full_layers"):
+        retrieval_layers(fast, tok, 3, **kw)
+
+
+def test_hybrid_window_is_the_largest_that_fits():
+    from kvpass.passes.window import hybrid_window
+
+    model = _llama(layers=6)
+    fast = kvpass.optimize(model, kvpass.Full())
+    whole = kvpass.kv_cache_bytes(fast, 600)
+
+    def size(window, full):
+        policy = kvpass.Policy(default=kvpass.Window(window, sinks=2), layers={i: kvpass.Full() for i in full})
+        return kvpass.kv_cache_bytes(kvpass.retarget(fast, policy), 600)
+
+    for ratio, full in ((0.25, 1), (0.5, [2, 4]), (0.9, 5)):
+        w = hybrid_window(fast, full, 600, ratio=ratio, sinks=2)
+        layers = list(range(full)) if isinstance(full, int) else full
+        assert size(w, layers) <= ratio * whole < size(w + 1, layers)
+    assert hybrid_window(model, 1, 600, sinks=2) == hybrid_window(fast, 1, 600, sinks=2)  # original: optimised first
+    with pytest.raises(ValueError, match="exceeds"):
+        hybrid_window(fast, 2, 600, ratio=0.25)

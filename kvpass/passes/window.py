@@ -37,7 +37,7 @@ from ..lower import KVAttention, LayerPlan
 from ..policy import Window
 from ..sites import AttentionSite
 
-__all__ = ["apply"]
+__all__ = ["apply", "far_attention", "hybrid_layers", "hybrid_window", "retrieval_layers"]
 
 
 def apply(att: KVAttention, site: AttentionSite, form: Window, ctx=None) -> LayerPlan:
@@ -111,3 +111,156 @@ def hybrid_layers(mass: dict[int, float], full_layers: int) -> list[int]:
     [1, 2]
     """
     return sorted(sorted(mass, key=mass.get, reverse=True)[:full_layers])
+
+
+def hybrid_window(model, full, length: int, ratio: float = 0.25, sinks: int = 4) -> int:
+    """The largest window ``W`` such that ``Full()`` on ``full`` layers and ``Window(W, sinks)``
+    on the others cache at most ``ratio`` of the all-``Full()`` cache at ``length`` tokens.
+
+    Bytes are :func:`kvpass.kv_cache_bytes` of each candidate policy, ring positions included
+    (a ring slot also stores its token's position, so slot arithmetic alone overshoots).
+    ``full``: layer indices, or a count ``k`` — then the ``k`` layers with the largest full
+    caches (a budget that holds whichever ``k`` layers a search keeps).  ``model``: optimised
+    (re-planned in place with :func:`kvpass.retarget` while measuring; left all ``Full()``) or
+    original (optimised first).
+
+    Example:
+        >>> import kvpass
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                   num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
+        >>> m = kvpass.optimize(LlamaForCausalLM(cfg).eval())
+        >>> w = hybrid_window(m, 1, 1000)  # 1 full layer + 7 windows <= 1/4 of the cache at 1000
+        >>> w  # 134 slots of 7 layers: 1000 tokens' worth of keys/values, positions included
+        130
+        >>> policy = kvpass.Policy(default=kvpass.Window(w, sinks=4), layers={0: kvpass.Full()})
+        >>> full = kvpass.kv_cache_bytes(kvpass.retarget(m, kvpass.Full()), 1000)
+        >>> kvpass.kv_cache_bytes(kvpass.retarget(m, policy), 1000) <= full / 4
+        True
+    """
+    from ..api import kv_cache_bytes, optimize, retarget
+    from ..policy import Full, Policy
+
+    if not any(isinstance(m, KVAttention) for m in model.modules()):
+        model = optimize(model, Full())
+    retarget(model, Full())
+    budget = ratio * kv_cache_bytes(model, length)
+    if isinstance(full, int):
+        dtype = next(model.parameters()).dtype
+        per_layer = {m.site.layer: m.kv_core.cache_bytes(length, dtype)
+                     for m in model.modules() if isinstance(m, KVAttention)}
+        full = sorted(per_layer, key=lambda i: (-per_layer[i], i))[:full]
+
+    def fits(window: int) -> bool:
+        policy = Policy(default=Window(window, sinks=sinks), layers={i: Full() for i in full})
+        return kv_cache_bytes(retarget(model, policy), length) <= budget
+
+    try:
+        if not fits(1):
+            raise ValueError(f"Full() on layers {sorted(full)} already exceeds {ratio} of the cache at "
+                             f"{length} tokens")
+        lo, hi = 1, length  # fits(lo); find the largest window that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+    finally:
+        retarget(model, Full())
+
+
+def retrieval_layers(
+    model,
+    tokenizer,
+    full_layers: int,
+    window: int,
+    sinks: int = 4,
+    *,
+    lengths=(2048,),
+    depths=(0.15, 0.5),
+    filler: str | None = None,
+    keep: int | None = None,
+    seed: int = 1,
+    progress: bool = True,
+) -> list[int]:
+    """The ``full_layers`` layers to keep full, windows elsewhere, so that passkeys far back are
+    still retrieved: greedy forward selection on pass-key prompts.
+
+    Far-attention mass (:func:`far_attention`) ranks layers one at a time, but retrieval is a
+    circuit: on SmolLM2 the 4 layers with the most far attention kept passkey at 0.33 of the
+    original's.  Here each step tries every remaining layer as the next full one (all other
+    layers ``Window(window, sinks)``) and keeps the one that makes the answer most likely: the
+    mean log-probability of the key's tokens, teacher-forced, over one prompt per
+    ``(length, depth)`` pair (:func:`kvpass.evaluate.passkey_prompt` on ``filler`` with keys
+    from ``random.Random(seed)``; choose a filler and lengths other than the evaluation's).
+    Cost: about ``full_layers * n_layers`` forwards of each prompt; ``keep`` prunes to the
+    ``keep`` best first-step layers after the first step (faster, but layers that only help
+    in combination may be lost).
+
+    ``model``: an optimised model (visibility is changed in place with :func:`kvpass.retarget`
+    while searching; on return it has the chosen hybrid) or an original (optimised first, the
+    original untouched).  Returns the chosen layers, sorted.
+
+    Example (SmolLM2-135M, ~30 min on 2 CPU cores; tested on a tiny model in
+    tests/test_window_sparse.py):
+        >>> import kvpass  # doctest: +SKIP
+        >>> from kvpass import models  # doctest: +SKIP
+        >>> model, tok = models.load("smollm2-135m")  # doctest: +SKIP
+        >>> fast = kvpass.optimize(model, kvpass.Full())  # doctest: +SKIP
+        >>> w = hybrid_window(fast, 6, 4096)  # 250  # doctest: +SKIP
+        >>> retrieval_layers(fast, tok, 6, 252, filler=kvpass.text.load_text("calibration"))  # doctest: +SKIP
+        [0, 7, 18, 20, 21, 23]
+
+    (measured: the same layers at windows 248 and 252; with ``Window(250, 4)`` elsewhere the
+    hybrid caches 0.2499x of the original at 4096 tokens and keeps passkey 1.00 of the
+    original's on bench/window_sparse.py's grid, where the 4 far-attention layers kept 0.33.)
+    """
+    import random
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..api import optimize, retarget
+    from ..evaluate import _last_logits, passkey_prompt
+    from ..policy import Full, Policy
+
+    if not any(isinstance(m, KVAttention) for m in model.modules()):
+        model = optimize(model, Full())
+    layers = sorted({m.site.layer for m in model.modules() if isinstance(m, KVAttention)})
+    if not 0 < full_layers < len(layers):
+        raise ValueError(f"full_layers must be in 1..{len(layers) - 1} for a model of {len(layers)} layers, "
+                         f"got {full_layers}")
+    rng = random.Random(seed)
+    prompts = []
+    for length in lengths:
+        for depth in depths:
+            prompt, answer = passkey_prompt(tokenizer, length, depth, rng.randint(10_000, 99_999), filler)
+            prompts.append((torch.cat([prompt[0], answer])[None], answer))
+
+    @torch.inference_mode()
+    def score(full: list[int]) -> float:
+        retarget(model, Policy(default=Window(window, sinks=sinks), layers={i: Full() for i in full}))
+        total = 0.0
+        for ids, answer in prompts:
+            logp = _last_logits(model, ids, len(answer) + 1)[0, :-1].float().log_softmax(-1)  # [k, V]
+            total += float(logp.gather(-1, answer[:, None]).mean())
+        return total / len(prompts)
+
+    chosen: list[int] = []
+    candidates = list(layers)
+    later = len(layers) - 1 if keep is None else min(keep, len(layers) - 1)
+    total = len(layers) + sum(later - s for s in range(full_layers - 1))
+    bar = tqdm(total=total, desc="kvpass: retrieval layers", disable=not progress)
+    for step in range(full_layers):
+        scores = {}
+        for layer in candidates:
+            scores[layer] = score(chosen + [layer])
+            bar.update()
+        best = max(scores, key=scores.get)
+        chosen.append(best)
+        if step == 0 and keep is not None:
+            candidates = sorted(scores, key=scores.get, reverse=True)[:keep + 1]
+        candidates = [c for c in candidates if c != best]
+    bar.close()
+    chosen.sort()
+    retarget(model, Policy(default=Window(window, sinks=sinks), layers={i: Full() for i in chosen}))
+    return chosen
