@@ -69,11 +69,9 @@ def far_attention(model, ids, window: int, sinks: int = 0, last: int = 32) -> di
     """
     import torch
 
-    from ..api import optimize
     from ..lower import KVCore
 
-    if not any(isinstance(m, KVCore) for m in model.modules()):
-        model = optimize(model)
+    model = _optimised(model)
     cores = [m for m in model.modules() if isinstance(m, KVCore)]
     sums: dict[int, list[float]] = {}
 
@@ -138,11 +136,10 @@ def hybrid_window(model, full, length: int, ratio: float = 0.25, sinks: int = 4)
         >>> kvpass.kv_cache_bytes(kvpass.retarget(m, policy), 1000) <= full / 4
         True
     """
-    from ..api import kv_cache_bytes, optimize, retarget
-    from ..policy import Full, Policy
+    from ..api import kv_cache_bytes, retarget
+    from ..policy import Full
 
-    if not any(isinstance(m, KVAttention) for m in model.modules()):
-        model = optimize(model, Full())
+    model = _optimised(model)
     retarget(model, Full())
     budget = ratio * kv_cache_bytes(model, length)
     if isinstance(full, int):
@@ -152,8 +149,7 @@ def hybrid_window(model, full, length: int, ratio: float = 0.25, sinks: int = 4)
         full = sorted(per_layer, key=lambda i: (-per_layer[i], i))[:full]
 
     def fits(window: int) -> bool:
-        policy = Policy(default=Window(window, sinks=sinks), layers={i: Full() for i in full})
-        return kv_cache_bytes(retarget(model, policy), length) <= budget
+        return kv_cache_bytes(retarget(model, _hybrid(full, window, sinks)), length) <= budget
 
     try:
         if not fits(1):
@@ -219,12 +215,10 @@ def retrieval_layers(
     import torch
     from tqdm.auto import tqdm
 
-    from ..api import optimize, retarget
+    from ..api import retarget
     from ..evaluate import _last_logits, passkey_prompt
-    from ..policy import Full, Policy
 
-    if not any(isinstance(m, KVAttention) for m in model.modules()):
-        model = optimize(model, Full())
+    model = _optimised(model)
     layers = sorted({m.site.layer for m in model.modules() if isinstance(m, KVAttention)})
     if not 0 < full_layers < len(layers):
         raise ValueError(f"full_layers must be in 1..{len(layers) - 1} for a model of {len(layers)} layers, "
@@ -238,7 +232,7 @@ def retrieval_layers(
 
     @torch.inference_mode()
     def score(full: list[int]) -> float:
-        retarget(model, Policy(default=Window(window, sinks=sinks), layers={i: Full() for i in full}))
+        retarget(model, _hybrid(full, window, sinks))
         total = 0.0
         for ids, answer in prompts:
             logp = _last_logits(model, ids, len(answer) + 1)[0, :-1].float().log_softmax(-1)  # [k, V]
@@ -262,5 +256,20 @@ def retrieval_layers(
         candidates = [c for c in candidates if c != best]
     bar.close()
     chosen.sort()
-    retarget(model, Policy(default=Window(window, sinks=sinks), layers={i: Full() for i in chosen}))
+    retarget(model, _hybrid(chosen, window, sinks))
     return chosen
+
+
+def _optimised(model):
+    """``model`` if kvpass already rewrote it, else ``optimize(model, Full())`` (a copy)."""
+    from ..api import optimize
+    from ..policy import Full
+
+    return model if any(isinstance(m, KVAttention) for m in model.modules()) else optimize(model, Full())
+
+
+def _hybrid(full, window: int, sinks: int):
+    """``Full()`` on the layers ``full``, ``Window(window, sinks)`` elsewhere."""
+    from ..policy import Full, Policy
+
+    return Policy(default=Window(window, sinks=sinks), layers={i: Full() for i in full})
