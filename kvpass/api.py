@@ -98,7 +98,10 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
             example_inputs = default_example_inputs(model)
         sites = find_sites_in(capture(model, example_inputs))
         if not sites:
-            raise SiteError(f"{type(model).__name__}: no attention found in the traced graph")
+            why = getattr(sites, "passed", [])
+            raise SiteError(f"{type(model).__name__}: no attention found in the traced graph" +
+                            (f" ({len(why)} softmax node(s) passed over; first: {why[0]})" if why else
+                             " (no SDPA call and no softmax)"))
         report = Report(sites)
         chosen = _choose(sites, policy, report)
         calls = record_calls(model, list(chosen), lambda: run_cache_free(model, example_inputs))
@@ -137,7 +140,7 @@ def _reusable(model: nn.Module) -> bool:
     return (report is not None and bool(mods) and all(s.nodes is not None for s in report.sites)
             and all(m.kv_core.forms == (Full(),) and m.kv_core.plan == LayerPlan()
                     and m.kv_core.latent is None and m.kv_core.producer is None for m in mods)
-            and len(mods) == len(report.sites) - len(report.kept))
+            and len(mods) == sum(1 for s in report.sites if s.name not in report.kept))
 
 
 def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, progress) -> None:
@@ -205,6 +208,11 @@ def retarget(model: nn.Module, policy) -> nn.Module:
     """
     policy = Policy.of(policy)
     weights = dict(model.named_parameters())
+    report = getattr(model, "_kvpass", None)
+    for s in report.sites if report is not None else []:
+        if s.name in report.kept and policy.forms_for(s.layer, s.name) != (Full(),):
+            raise SiteError(f"cannot retarget {s.name or '<top>'}: it was kept as the model has it "
+                            f"({report.kept[s.name]}); leave it Full() in the policy")
     for att in [m for m in model.modules() if isinstance(m, KVAttention)]:
         core, site = att.kv_core, att.site
         forms = policy.forms_for(site.layer, site.name)
@@ -271,22 +279,36 @@ def _count(report: Report, key: str) -> None:
 
 def _choose(sites, policy: Policy, report: Report) -> dict[str, tuple[Form, ...]]:
     chosen = {}
+    cores = {}
+    for s in sites:
+        cores[s.name] = cores.get(s.name, 0) + 1
     for s in sites:
         forms = policy.forms_for(s.layer, s.name)
         report.forms[s.name] = forms
         lossless = forms == (Full(),)
-        if s.problems and not lossless:
-            raise SiteError("cannot rewrite " + "; ".join(s.problems) +
-                            ". Leave this layer Full() in the policy to keep it as it is.")
-        if s.problems or not s.name:
-            report.kept[s.name] = "; ".join(s.problems) or "no owning module"
+        if cores[s.name] > 1:  # one module, several cores: weights shared across layers (ALBERT)
+            why = (f"{s.name or '<top>'}: the module runs {cores[s.name]} attention cores (one module called "
+                   "for several layers, or several attentions in one module); kvpass rewrites one core per module")
+            if not lossless:
+                raise SiteError(f"cannot rewrite {why}. Leave these layers Full() in the policy.")
+            report.kept[s.name] = why
+            continue
+        weights = [f.kind for f in forms if f.kind not in VISIBILITY_FORMS]
+        blocking = s.problems if weights else s.core_problems
+        if blocking and not lossless:
+            need = (f"form(s) {weights} change the projection weights, which need the projections "
+                    "understood" if weights else "the attention core is not understood")
+            raise SiteError("cannot rewrite " + "; ".join(blocking) + f" ({need}). Leave this layer "
+                            "Full() in the policy to keep it as it is" +
+                            (", or use forms that change no weights (Window, Sparse, Quantize)."
+                             if weights and not s.core_problems else "."))
+        if blocking or not s.name:
+            report.kept[s.name] = "; ".join(blocking) or "no owning module"
             continue
         missing = [f.kind for f in forms if f.kind not in IMPLEMENTED]
         if missing:
             raise KVPassError(f"{s.name}: form(s) {missing} are not implemented in this version; "
                               f"available: {sorted(IMPLEMENTED)}")
-        if s.name in chosen:
-            raise SiteError(f"{s.name}: holds more than one attention core; not supported")
         chosen[s.name] = forms
     return chosen
 

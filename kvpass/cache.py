@@ -61,6 +61,7 @@ def ensure_layer(cache: Cache, idx: int, source: int | None = None, ring: RingSp
     ``ring``: the slot stores tokens with their positions (:class:`KVRingLayer`); with
     ``quant`` as packed integers (:class:`KVQuantLayer`).
     """
+    cache = getattr(cache, "self_attention_cache", cache)  # an EncoderDecoderCache: its self part
     while len(cache.layers) <= max(idx, source or 0):
         cache.layers.append(DynamicLayer())
     if source is not None:

@@ -56,23 +56,82 @@ class Captured:
 
 
 def default_example_inputs(model: nn.Module) -> dict:
-    """Token ids [2, 13] for models with an input embedding (HF LMs and encoders)."""
+    """Token ids [2, 13] for models that embed tokens (HF LMs and encoders, hand-written models).
+
+    The token input is the model's own ``get_input_embeddings()`` where it has one; otherwise
+    the integer input that feeds an ``nn.Embedding`` lookup: the forward's one required
+    argument is given token ids, and a hook checks that an embedding received exactly them.
+    When that cannot be found, the error says what to pass.
+    """
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
-    if not isinstance(emb, nn.Embedding):
-        raise CaptureError(
-            f"{type(model).__name__}: no example inputs given and the model has no input "
-            "embedding to make token ids for; pass example_inputs=(tensor, ...) or a dict")
+    if isinstance(emb, nn.Embedding):
+        name = _first_required(model) or "input_ids"
+        name = "input_ids" if "input_ids" in inspect.signature(model.forward).parameters else name
+    else:
+        name, emb = _token_input(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, emb.num_embeddings, (SAMPLE_BATCH, SAMPLE_SEQ), generator=g)
-    out = {"input_ids": ids.to(emb.weight.device)}
+    out = {name: ids.to(emb.weight.device)}
     if "attention_mask" in inspect.signature(model.forward).parameters:
         # one left-padded row: models then build a real mask tensor, so every traced attention
         # has its mask as an input (a mask-free trace could not see padding later)
-        mask = torch.ones_like(out["input_ids"])
+        mask = torch.ones_like(ids)
         mask[0, :2] = 0
-        out["attention_mask"] = mask
+        out["attention_mask"] = mask.to(emb.weight.device)
     return out
+
+
+def _required(model: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _first_required(model: nn.Module) -> str | None:
+    req = _required(model)
+    return req[0] if req else None
+
+
+def _token_input(model: nn.Module) -> tuple[str, nn.Embedding]:
+    """(the forward argument holding token ids, the embedding it feeds), found by running it."""
+    what = f"{type(model).__name__}: no example inputs given"
+    embs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    if not embs:
+        raise CaptureError(f"{what} and the model has no nn.Embedding to make token ids for; pass "
+                           "example_inputs=(tensor, ...) or a dict of keyword arguments")
+    req = _required(model)
+    try:
+        sig = str(inspect.signature(model.forward))
+    except (TypeError, ValueError):
+        sig = "(...)"
+    if len(req) != 1:
+        raise CaptureError(f"{what}; forward{sig} needs {len(req)} arguments, so kvpass cannot guess which "
+                           "one holds token ids; pass example_inputs=(...) with every one of them")
+    rows = min(m.num_embeddings for _, m in embs)
+    ids = torch.randint(0, rows, (SAMPLE_BATCH, SAMPLE_SEQ), generator=torch.Generator().manual_seed(0))
+    device = embs[0][1].weight.device
+    ids = ids.to(device)
+    fed: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a, name=n: fed.append(name) if a and a[0] is ids else None)
+             for n, m in embs]
+    try:
+        with torch.no_grad():
+            model(**{req[0]: ids})
+    except Exception as e:  # noqa: BLE001 - reported with what to pass instead
+        raise CaptureError(f"{what}; token ids [{SAMPLE_BATCH}, {SAMPLE_SEQ}] as '{req[0]}' failed "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass "
+                           f"example_inputs=(...) for forward{sig}") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    if not fed:
+        raise CaptureError(f"{what}; '{req[0]}' of forward{sig} does not feed an nn.Embedding directly; "
+                           "pass example_inputs=(...)")
+    return req[0], dict(embs)[fed[0]]
 
 
 @functools.lru_cache(maxsize=512)

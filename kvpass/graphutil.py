@@ -15,7 +15,7 @@ MOVEMENT_OPS = frozenset({
     "expand_as", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "getitem",
     "chunk", "unbind", "to", "_to_copy", "alias", "flatten", "unflatten", "repeat_interleave",
     "repeat", "detach", "lift_fresh_copy", "t", "narrow", "index_select", "movedim", "type_as",
-    "_assert_tensor_metadata",
+    "_assert_tensor_metadata", "index",
 })
 
 
@@ -111,6 +111,51 @@ def replay(nodes: list[fx.Node], env: dict[fx.Node, object], overrides: dict[fx.
             vals[n] = args[0]  # index tracing: keep the exact index dtype
             continue
         vals[n] = fn(*args, **kwargs)
+    return vals
+
+
+# Ops that keep each element where it is (element-wise, maybe with per-token factors such as a
+# norm's rsqrt): index tracing passes the traced input straight through them.
+POINTWISE_OPS = frozenset({
+    "mul", "div", "add", "sub", "neg", "rsqrt", "sqrt", "pow", "tanh", "sigmoid", "silu", "gelu", "relu",
+    "exp", "clamp", "float", "half", "bfloat16", "native_layer_norm", "layer_norm", "rms_norm",
+    "_fused_rms_norm", "where", "masked_fill", "abs", "reciprocal", "getitem",
+})
+
+
+def trace_indices(chain: list[fx.Node], env: dict, src: fx.Node, idx: torch.Tensor) -> dict:
+    """Where each element of the nodes of ``chain`` comes from, as a tensor of ``src``'s indices.
+
+    Movement ops are replayed on the index tensor; point-wise ops (scales, biases, a norm over
+    the last dimension) pass through the one traced input of their own shape; other nodes (a
+    reduction, a matmul) get ``None``, and so does anything computed from them only.
+    """
+    vals: dict[fx.Node, object] = {src: idx}
+    for n in chain:
+        if n is src:
+            continue
+        traced = [a for a in tensor_args(n) if a in vals]
+        if not traced:
+            continue
+        if any(vals[a] is None for a in traced) and not any(vals[a] is not None for a in traced):
+            vals[n] = None
+            continue
+        op = op_name(n)
+        if op in MOVEMENT_OPS and op != "getitem" or (op == "getitem" and isinstance(vals[traced[0]], (list, tuple))):
+            if any(vals[a] is None for a in traced):
+                vals[n] = None
+                continue
+            try:
+                vals[n] = replay([n], {**env, **{a: vals[a] for a in traced}}, {}, keep_dtype=True)[n]
+            except Exception:  # noqa: BLE001 - an op that can't run on indices isn't traceable
+                vals[n] = None
+            continue
+        shape = meta_shape(n)
+        full = [vals[a] for a in traced if isinstance(vals[a], torch.Tensor) and shape is not None
+                and len(vals[a].shape) == len(shape) and all(str(x) == str(y) for x, y in
+                                                              zip(meta_shape(a) or (), shape))]
+        same = all(torch.equal(full[0], f) for f in full[1:]) if full else False
+        vals[n] = full[0] if op in POINTWISE_OPS and full and same else None
     return vals
 
 

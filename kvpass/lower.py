@@ -120,6 +120,7 @@ class KVCore(nn.Module):
         self.plan = LayerPlan()
         self.latent = None  # a kvpass.latent.Latent (MHC), registered when set
         self.taps: list = []
+        self.out_order: tuple[int, ...] | None = None  # memory order of the replaced core's output
         self._producer: list[KVCore] = []  # unregistered reference
         self._cache = None  # set by KVAttention for the duration of one call
         self._last = None   # this call's stored K/V, for consumers in cache-free forwards
@@ -179,6 +180,15 @@ class KVCore(nn.Module):
         return [(h, self.spec.head_dim), (h, self.spec.head_dim)]
 
     def forward(self, q, k=None, v=None, mask=None):
+        out = self._forward(q, k, v, mask)
+        order = self.out_order
+        if order is not None and out.dim() == len(order) and _stride_order(out) != order:
+            # the graph after the core may view the output as the original op laid it out
+            # (CPU SDPA returns [B, S, H, D] memory): give it that layout
+            out = out.permute(order).contiguous().permute(_inverse(order))
+        return out
+
+    def _forward(self, q, k=None, v=None, mask=None):
         for tap in self.taps:
             tap(q, k, v)
         if self.plan.positional:
@@ -371,6 +381,18 @@ class KVCore(nn.Module):
 
 
 @functools.lru_cache(maxsize=4096)
+def _stride_order(t) -> tuple[int, ...]:
+    """Dims from outermost to innermost in memory (ties keep dim order)."""
+    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
 def _kernel_spec(s: CoreSpec, head_map: tuple[int, ...], kv_heads: int, dtype: str, has_mask: bool,
                  window: int | None = None, sinks: int = 0, block: int | None = None,
                  has_block_mask: bool = False, head_dim: int | None = None, head_dim_v: int | None = None,
@@ -562,8 +584,9 @@ def lower_site(model: nn.Module, site: AttentionSite, call: dict, forms: tuple[F
         cap = capture_call(original, call)
     found = find_sites_in(cap, probe_windows=False)
     if len(found) != 1:
+        why = getattr(found, "passed", [])
         raise SiteError(f"{site.name}: expected one attention core in the module's own graph, "
-                        f"found {len(found)}")
+                        f"found {len(found)}" + (f" (passed over: {why[0]})" if why else ""))
     local = found[0]
     core = KVCore(CoreSpec.of(local), forms, site.layer)
     gm = _rewrite(cap, local, core)
@@ -585,6 +608,12 @@ def replace_cores(cap: Captured, swaps: list[tuple[AttentionSite, KVCore, str]])
     for site, core, name in swaps:
         n = site.nodes
         gm.add_submodule(name, core)
+        val = n.out.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            try:
+                core.out_order = _stride_order(val)
+            except Exception:  # noqa: BLE001 - symbolic strides that can't be ordered: leave as is
+                core.out_order = None
         with g.inserting_before(n.out):
             new = g.call_module(name, (n.q, n.k_pre, n.v_pre, n.mask))
         new.meta = dict(n.out.meta)

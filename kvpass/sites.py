@@ -15,11 +15,15 @@ From each core kvpass walks the graph backwards — never by class or attribute 
   key path; the scale, softcap, mask source, causality and sliding window.
 
 Anything on the way that kvpass does not understand is recorded in ``site.problems`` with the
-node and op; :func:`kvpass.optimize` refuses such a site unless the policy leaves it ``Full``.
+node and op.  Problems of the core itself (``site.core_problems``: a score bias such as ALiBi,
+a per-head mask, keys and values on different head maps) keep the layer as the model has it;
+problems on the projection side only refuse the forms that change weights (``SharedKV``,
+``MHC``): :func:`kvpass.optimize` still applies ``Full``/``Window``/``Sparse``/``Quantize``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -47,13 +51,16 @@ class Projection:
 
     ``channels[h * head_dim + d]`` is the output channel of ``weight`` that becomes element
     ``d`` of head ``h`` (for the output projection: the input column that head ``h``, dim
-    ``d`` feeds).  ``transposed``: the weight is stored [in, out] (GPT-2 Conv1D).
+    ``d`` feeds).  ``transposed``: the weight is stored [in, out] (GPT-2 Conv1D).  ``scale``: a
+    per-channel parameter applied over the whole projection output before the head view (the
+    weight of a norm over all heads: its entries follow ``channels`` like the bias's).
     """
 
     weight: str
     bias: str | None
     channels: tuple[int, ...]
     transposed: bool = False
+    scale: str | None = None
 
     @property
     def layout(self) -> str:
@@ -93,10 +100,19 @@ class AttentionSite:
     core: str  # "sdpa" | "eager"
     problems: list[str] = field(default_factory=list)
     nodes: SiteNodes | None = field(default=None, repr=False, compare=False)
+    core_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """Everything understood: every form applies (see :attr:`core_ok`)."""
         return not self.problems
+
+    @property
+    def core_ok(self) -> bool:
+        """The attention core is understood (visibility, mask, head map): forms that change no
+        weights (``Full``, ``Window``, ``Sparse``, ``Quantize``) apply even where the projections
+        are not (``problems`` then lists only projection-side ones)."""
+        return not self.core_problems
 
     @property
     def positional(self) -> str:
@@ -118,10 +134,10 @@ class AttentionSite:
             "q_norm": self.q_norm, "k_norm": self.k_norm, "causal": self.causal,
             "window": self.window, "scale": self.scale, "softcap": self.softcap,
             "core": self.core,
-            "projections": {k: None if p is None else {"weight": p.weight, "layout": p.layout}
+            "projections": {k: None if p is None else {"weight": p.weight, "layout": p.layout, "scale": p.scale}
                             for k, p in (("q", self.q_proj), ("k", self.k_proj),
                                          ("v", self.v_proj), ("o", self.o_proj))},
-            "problems": list(self.problems),
+            "problems": list(self.problems), "core_problems": list(self.core_problems),
         }
 
     def key_path(self) -> fx.GraphModule:
@@ -184,30 +200,39 @@ def _sdpa_core(n: fx.Node) -> _Core:
                  bool(a.get("is_causal", False)), bool(a.get("enable_gqa", False)), {n}, "sdpa", [])
 
 
-def _single_user_chain(start: fx.Node, ops: set[str]) -> fx.Node:
-    cur = start
-    while len(cur.users) == 1:
-        nxt = next(iter(cur.users))
-        if gu.op_name(nxt) not in ops:
-            break
-        cur = nxt
-    return cur
+_CASTS = {"to", "_to_copy", "type_as", "clone", "contiguous", "float", "alias"}
+_RESHAPES = {"view", "_unsafe_view", "reshape"}
+_SCALAR_SCALES = {"mul", "div", "mul_", "div_"}
+_ADDS = {"add", "sub", "add_", "sub_"}
 
 
-def _eager_core(sm: fx.Node) -> _Core | None:
-    """softmax → walk back to matmul(q, kᵀ), forward to matmul(p, v)."""
+def _scalar(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str | None]:
+    """softmax → walk back to matmul(q, kᵀ), forward to matmul(p, v).
+
+    Returns ``(core, None)``, or ``(None, why)`` when the softmax is not attention.  Score
+    transforms kvpass cannot reproduce (a score bias besides the mask, a multiplicative mask,
+    concatenated sink logits, an unknown op) keep the core, with a problem naming the node.
+    """
     problems: list[str] = []
     inner = {sm}
     scale, softcap, mask, mask_kind = 1.0, None, None, "none"
     cur = sm.args[0]
-    while isinstance(cur, fx.Node) and gu.op_name(cur) not in MATMUL_OPS:
+    for _ in range(48):
+        if not isinstance(cur, fx.Node) or gu.op_name(cur) in MATMUL_OPS or _einsum_qk(cur):
+            break
         op = gu.op_name(cur)
         inner.add(cur)
-        other = [a for a in cur.args[1:3] if not isinstance(a, fx.Node)]
-        tens = [a for a in cur.args if isinstance(a, fx.Node)]
-        if op in ("to", "_to_copy", "type_as", "clone", "contiguous"):
+        tens = gu.tensor_args(cur)
+        other = [a for a in cur.args[1:3] if _scalar(a)]
+        if not tens:
+            return None, f"softmax {sm.name}: its input is a constant"
+        if op in _CASTS or op in _RESHAPES or op in ("dropout", "native_dropout"):
             cur = cur.args[0]
-        elif op in ("mul", "div") and len(tens) == 1 and other and isinstance(other[0], (int, float)):
+        elif op in _SCALAR_SCALES and len(tens) == 1 and other:
             if gu.op_name(tens[0]) == "tanh":  # softcap: tanh(s / c) * c
                 inner.add(tens[0])
                 inner_div = tens[0].args[0]
@@ -216,79 +241,302 @@ def _eager_core(sm: fx.Node) -> _Core | None:
                 cur = inner_div.args[0]
                 continue
             s = float(other[0])
-            scale *= s if op == "mul" else 1.0 / s
+            scale *= s if op.startswith("mul") else 1.0 / s
             cur = tens[0]
-        elif op in ("add", "sub") and len(tens) == 2:
-            a, b = tens
-            main = a if _reaches_matmul(a) else b
-            mask = b if main is a else a
-            mask_kind = "additive"
+        elif op in _ADDS and len(tens) == 1:  # a constant shift: softmax does not see it
+            cur = tens[0]
+        elif op in _ADDS | _SCALAR_SCALES | {"maximum", "max", "minimum", "min"} and len(tens) == 2:
+            main, side = _main_and_side(tens)
+            if main is None:
+                problems.append(f"'{op}' (node {cur.name}) of two score terms")
+                main = tens[0]
+            if main in gu.ancestors(side):  # e.g. s - max(s): a per-row shift (stability)
+                pass
+            elif op in ("maximum", "max", "minimum", "min"):
+                pass  # clamping masked scores at the dtype's minimum
+            elif op in _SCALAR_SCALES:
+                problems.append(f"scores multiplied by a tensor (node {cur.name}, op '{op}'): a "
+                                "multiplicative mask/bias kvpass cannot reproduce")
+            elif op.startswith("add") and (mask is None or _redundant(mask, mask_kind, side, "additive", env)
+                                           or _redundant(side, "additive", mask, mask_kind, env)):
+                mask, mask_kind = _one_mask(mask, mask_kind, side, "additive", cur, env, problems)
+            else:
+                problems.append(f"a second score term (node {cur.name}, op '{op}') besides the mask: "
+                                "a position bias kvpass cannot reproduce")
             cur = main
-        elif op == "masked_fill":
-            mask, mask_kind = cur.args[1], "bool_drop"
+        elif op in ("max", "clamp", "clamp_min", "clamp_max", "nan_to_num"):
+            cur = tens[0]
+        elif op in ("masked_fill", "masked_fill_"):
+            mask, mask_kind = _one_mask(mask, mask_kind, cur.args[1], "bool_drop", cur, env, problems)
             cur = cur.args[0]
         elif op == "where":
-            mask, mask_kind = cur.args[0], "bool_keep"
-            cur = cur.args[1]
+            cond, a, b = cur.args[:3]
+            keep = isinstance(a, fx.Node) and _reaches_matmul(a)
+            mask, mask_kind = _one_mask(mask, mask_kind, cond, "bool_keep" if keep else "bool_drop", cur, env,
+                                        problems)
+            cur = a if keep else b
+        elif op == "cat":
+            problems.append(f"extra logits concatenated to the scores (node {cur.name}): per-head sink "
+                            "logits are not a form kvpass reproduces yet")
+            cur = tens[0]
         else:
+            main, _ = _main_and_side(tens) if len(tens) > 1 else (tens[0], None)
             problems.append(f"unrecognised op '{op}' (node {cur.name}) between scores and softmax")
-            return None
-    if not isinstance(cur, fx.Node):
-        return None
+            if main is None:
+                return None, f"softmax {sm.name}: " + problems[-1]
+            cur = main
+    if not isinstance(cur, fx.Node) or not (gu.op_name(cur) in MATMUL_OPS or _einsum_qk(cur)):
+        return None, f"softmax {sm.name}: no matmul of queries and keys before it ({problems[0] if problems else ''})"
     qk = cur
     inner.add(qk)
-    q, kt = qk.args[0], qk.args[1]
-    k = _untranspose(kt)
+    if gu.op_name(qk) == "baddbmm":  # beta * bias + alpha * q @ kᵀ
+        bias, q, kt = qk.args[:3]
+        beta, alpha = qk.kwargs.get("beta", 1.0), qk.kwargs.get("alpha", 1.0)
+        scale *= float(alpha)
+        zero = env is not None and isinstance(env.get(bias), torch.Tensor) and not bool(env[bias].any())
+        if isinstance(bias, fx.Node) and beta != 0 and not zero:
+            problems.append(f"a score bias added by baddbmm (node {qk.name}): e.g. ALiBi; not a mask "
+                            "kvpass can reproduce")
+        k = _untranspose(kt)
+    elif gu.op_name(qk) == "einsum":
+        q, k = qk.args[1][:2]
+    else:
+        q, kt = qk.args[0], qk.args[1]
+        kt, f = _strip_scalar(kt, inner, env)
+        q, g = _strip_scalar(q, inner, env)
+        scale *= f * g
+        k = _untranspose(kt)
+    if k is None and isinstance(kt, fx.Node) and env is not None:
+        k = _synth_transpose(kt, env)  # keys stored transposed already (GPT-1's [B, H, D, S])
     if k is None:
-        return None
-    p = _single_user_chain(sm, {"to", "_to_copy", "dropout", "type_as", "clone", "native_dropout"})
-    inner |= gu.chain_between(sm, p) if p is not sm else set()
-    users = [u for u in p.users if gu.op_name(u) in MATMUL_OPS and u.args[0] is p]
-    if len(users) != 1:
-        return None
-    pv = users[0]
+        return None, f"softmax {sm.name}: the key operand of {qk.name} is not a transposed key"
+    p, pv = _probs_to_values(sm)
+    if pv is None:
+        return None, f"softmax {sm.name}: its probabilities do not feed one matmul with the values"
+    inner |= set(gu.chain_between(sm, p))
     inner.add(pv)
-    return _Core(pv, q, k, pv.args[1], mask, mask_kind, scale, softcap, False, False, inner,
-                 "eager", problems)
+    v = pv.args[1][1] if gu.op_name(pv) == "einsum" else pv.args[1]
+    out = pv
+    # heads folded into the batch ([B·H, S, D], the bmm spelling): the 4-D values around it
+    q, k, v = (_unfold_heads(x) if len(_shape(x) or ()) == 3 else x for x in (q, k, v))
+    if len(_shape(pv) or ()) == 3:
+        out = _folded_out(pv)
+        if out is not None:
+            inner |= set(gu.chain_between(pv, out))
+    if None in (q, k, v, out):
+        return None, f"softmax {sm.name}: a [batch·heads, seq, dim] core whose 4-D views were not found"
+    if len(_shape(q) or ()) != 4:
+        return None, f"softmax {sm.name}: queries of shape {list(_shape(q) or [])} (not [B, H, S, D])"
+    return _Core(out, q, k, v, mask, mask_kind, scale, softcap, False, False, inner, "eager", problems), None
 
 
-def _reaches_matmul(n: fx.Node) -> bool:
+_PROB_OPS = _CASTS | _RESHAPES | {"dropout", "native_dropout", "slice", "narrow"}
+
+
+def _probs_to_values(sm: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(the probabilities as the values' matmul reads them, that matmul): forward from the
+    softmax through casts, views, dropout and slices (other users, e.g. returned attention
+    weights, may branch off)."""
+    frontier = [sm]
+    for _ in range(8):
+        found = [(n, u) for n in frontier for u in n.users
+                 if (gu.op_name(u) in MATMUL_OPS and u.args[0] is n) or (_einsum_pv(u) and u.args[1][0] is n)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            return sm, None
+        frontier = [u for n in frontier for u in n.users if gu.op_name(u) in _PROB_OPS]
+        if not frontier:
+            break
+    return sm, None
+
+
+def _constant(a, env: dict | None) -> float | None:
+    """A Python number, or a one-element tensor computed from no graph input (a constant)."""
+    if _scalar(a):
+        return float(a)
+    if (isinstance(a, fx.Node) and env is not None and isinstance(env.get(a), torch.Tensor)
+            and env[a].numel() == 1 and not any(x.op == "placeholder" for x in gu.ancestors(a))):
+        return float(env[a])
+    return None
+
+
+def _keep(m, kind: str) -> torch.Tensor:
+    if kind == "additive":
+        return (m.float() > -1e3) & ~torch.isinf(m.float())  # exp(-1000) is 0 in fp32: masked
+    return m.bool() if kind == "bool_keep" else ~m.bool()
+
+
+def _redundant(a, kind_a: str, b, kind_b: str, env: dict | None) -> bool:
+    """Whether mask ``a`` hides nothing that mask ``b`` lets through, on the sample (then ``b``
+    alone is the visibility: e.g. GPT-Neo's causal buffer beside HF's causal + padding mask)."""
+    if env is None or not isinstance(env.get(a), torch.Tensor) or not isinstance(env.get(b), torch.Tensor):
+        return False
+    try:
+        ka, kb = torch.broadcast_tensors(_keep(env[a], kind_a), _keep(env[b], kind_b))
+    except RuntimeError:
+        return False
+    return bool((ka | ~kb).all())
+
+
+def _one_mask(mask, kind: str, new, new_kind: str, node: fx.Node, env, problems: list[str]):
+    """The mask after meeting ``new`` on the way back from the softmax: the first one, or of two
+    masks the one that implies the other; else a problem (kvpass's core takes one mask)."""
+    if mask is None:
+        return new, new_kind
+    if _redundant(new, new_kind, mask, kind, env):
+        return mask, kind
+    if _redundant(mask, kind, new, new_kind, env):
+        return new, new_kind
+    problems.append(f"a second mask (node {node.name}) that the first does not imply")
+    return mask, kind
+
+
+def _strip_scalar(n, inner: set, env: dict | None = None) -> tuple[object, float]:
+    """An operand scaled by constants (``k.transpose(-1, -2) / s``): (the operand, the factor);
+    the scaling nodes join ``inner`` (the core then applies the factor)."""
+    factor = 1.0
+    while isinstance(n, fx.Node) and gu.op_name(n) in _SCALAR_SCALES and len(n.users) == 1:
+        data, c = n.args[0], _constant(n.args[1], env) if len(n.args) > 1 else None
+        if not isinstance(data, fx.Node) or c is None:
+            break
+        factor *= c if gu.op_name(n).startswith("mul") else 1.0 / c
+        inner.add(n)
+        n = data
+    return n, factor
+
+
+def _einsum_qk(n: fx.Node) -> bool:
+    """``einsum("bhqd,bhkd->bhqk", q, k)`` (any letters)."""
+    if gu.op_name(n) != "einsum" or not isinstance(n.args[0], str):
+        return False
+    ins, _, out = n.args[0].replace(" ", "").partition("->")
+    parts = ins.split(",")
+    if len(parts) != 2 or any(len(x) != 4 for x in (*parts, out)):
+        return False
+    a, b = parts
+    return a[:2] == b[:2] == out[:2] and a[3] == b[3] and out == a[:3] + b[2] and a[2] != b[2]
+
+
+def _einsum_pv(n: fx.Node) -> bool:
+    """``einsum("bhqk,bhkd->bhqd", p, v)``."""
+    if gu.op_name(n) != "einsum" or not isinstance(n.args[0], str):
+        return False
+    ins, _, out = n.args[0].replace(" ", "").partition("->")
+    parts = ins.split(",")
+    if len(parts) != 2 or any(len(x) != 4 for x in (*parts, out)):
+        return False
+    a, b = parts
+    return a[:2] == b[:2] == out[:2] and a[3] == b[2] and out == a[:3] + b[3]
+
+
+def _main_and_side(tens: list[fx.Node]) -> tuple[fx.Node | None, fx.Node | None]:
+    """Of two operands, the one computed from the scores' matmul, and the other."""
+    a, b = tens[:2]
+    ra, rb = _reaches_matmul(a), _reaches_matmul(b)
+    if ra and not rb:
+        return a, b
+    if rb and not ra:
+        return b, a
+    if ra and rb:  # both: the one the other is computed from (s - max(s)), else the first
+        return (a, b) if a in gu.ancestors(b) else (b, a) if b in gu.ancestors(a) else (a, b)
+    return None, b
+
+
+def _unfold_heads(n: fx.Node) -> fx.Node | None:
+    """The [B, H, S, D] value a [B·H, S, D] operand was folded from (through movement ops)."""
     cur = n
     for _ in range(8):
-        if gu.op_name(cur) in MATMUL_OPS:
-            return True
-        tens = [a for a in cur.args if isinstance(a, fx.Node)]
-        if not tens:
-            return False
-        cur = tens[0]
-    return False
+        shp = _shape(cur)
+        if shp is not None and len(shp) == 4:
+            return cur
+        if not gu.is_movement(cur):
+            return None
+        data = gu.tensor_args(cur)
+        if not data:
+            return None
+        cur = data[0]
+    return None
+
+
+def _folded_out(pv: fx.Node) -> fx.Node | None:
+    """The first [B, H, S, D] view of a [B·H, S, D] attention output."""
+    cur = pv
+    for _ in range(4):
+        if len(cur.users) != 1:
+            return None
+        cur = next(iter(cur.users))
+        if not gu.is_movement(cur):
+            return None
+        shp = _shape(cur)
+        if shp is not None and len(shp) == 4:
+            return cur
+    return None
+
+
+def _reaches_matmul(n: fx.Node, depth: int = 12) -> bool:
+    """Whether ``n`` is computed from a scores matmul within ``depth`` steps."""
+    if depth <= 0 or not isinstance(n, fx.Node):
+        return False
+    if gu.op_name(n) in MATMUL_OPS or _einsum_qk(n):
+        return True
+    tens = gu.tensor_args(n)
+    if gu.op_name(n) == "where" and len(n.args) >= 3:  # follow the scores, not the condition
+        tens = [a for a in n.args[1:3] if isinstance(a, fx.Node)]
+    return any(_reaches_matmul(t, depth - 1) for t in tens[:2])
+
+
+def _synth_transpose(kt: fx.Node, env: dict) -> fx.Node | None:
+    """A ``transpose(kt, -2, -1)`` node right after ``kt`` (reused if discovery added it before),
+    with its sample value and fake metadata: the key as [B, H, S, D]."""
+    for u in kt.users:
+        if u.meta.get("kvpass_synth") == "key_transpose":
+            return u
+    val = kt.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 3 or kt not in env:
+        return None
+    op = torch.ops.aten.transpose.int
+    with kt.graph.inserting_after(kt):
+        n = kt.graph.call_function(op, (kt, -2, -1))
+    fake = getattr(val, "fake_mode", None)
+    with fake if fake is not None else contextlib.nullcontext():
+        n.meta["val"] = op(val, -2, -1)
+    n.meta["nn_module_stack"] = kt.meta.get("nn_module_stack")
+    n.meta["kvpass_synth"] = "key_transpose"
+    env[n] = op(env[kt], -2, -1)
+    return n
 
 
 def _untranspose(kt: fx.Node) -> fx.Node | None:
-    """kᵀ → k for transpose(-2,-1)/permute spellings."""
+    """kᵀ → k for transpose(-2,-1)/permute spellings (3-D or 4-D)."""
     op = gu.op_name(kt)
+    nd = len(_shape(kt) or ()) or 4
     if op == "transpose":
-        dims = sorted(d % 4 for d in kt.args[1:3])
-        return kt.args[0] if dims == [2, 3] else None
+        dims = sorted(d % nd for d in kt.args[1:3])
+        return kt.args[0] if dims == [nd - 2, nd - 1] else None
     if op == "permute":
-        perm = list(kt.args[1])
-        return kt.args[0] if perm[-2:] == [len(perm) - 1, len(perm) - 2] else None
+        perm = [d % nd for d in kt.args[1]]
+        return kt.args[0] if perm[-2:] == [nd - 1, nd - 2] else None
     if op == "t":
         return kt.args[0]
     return None
 
 
-def _cores(graph: fx.Graph) -> list[_Core]:
-    out = []
+def _cores(graph: fx.Graph, env: dict | None = None) -> tuple[list[_Core], list[str]]:
+    """The attention cores of ``graph``, and why each softmax that is not one was passed over.
+    ``env`` (sample values) lets discovery add normalising nodes (a key transpose)."""
+    out, passed = [], []
     for n in graph.nodes:
         op = gu.op_name(n)
         if op == "scaled_dot_product_attention":
             out.append(_sdpa_core(n))
         elif op in SOFTMAX_OPS:
-            c = _eager_core(n)
+            c, why = _eager_core(n, env)
             if c is not None:
                 out.append(c)
-    return out
+            elif why:
+                passed.append(why)
+    return out, passed
 
 
 # ------------------------------------------------------------------------------ key paths
@@ -333,52 +581,93 @@ def _projection(pre: fx.Node, env, problems: list[str], what: str) -> tuple[Proj
         return None, None, []
     proj = projs[0]
     chain = gu.chain_between(proj, pre)
-    # first head-shaped node reached from the projection through movement ops only
+    # the first head-shaped node the projection's channels reach, through movement ops and
+    # point-wise ones (a scale, a bias, a norm over the whole projection width) alike
     D = _shape(pre)[-1]
+    val = env[proj]
+    ids = torch.arange(val.shape[-1], dtype=torch.float64).expand(val.shape).contiguous()
+    traced = gu.trace_indices(chain, env, proj, ids)
     entry = None
     for n in chain[1:]:
-        if not gu.is_movement(n):
-            break
         shp = _shape(n)
-        if shp is not None and len(shp) == 4 and str(shp[-1]) == str(D):
+        if (isinstance(traced.get(n), torch.Tensor) and shp is not None and len(shp) == 4
+                and str(shp[-1]) == str(D) and gu.is_movement(n)):
             entry = n
             break
     if entry is None:
-        problems.append(f"{what}: no [.., heads, head_dim] view after projection {proj.name}")
+        stop = next((n for n in chain[1:] if n in traced and traced[n] is None), None)
+        why = f" (the channels are mixed at node {stop.name}, op '{gu.op_name(stop)}')" if stop is not None else ""
+        problems.append(f"{what}: no [.., heads, head_dim] view after projection {proj.name}{why}")
         return None, proj, chain
-    val = env[proj]
-    ids = torch.arange(val.shape[-1], dtype=torch.float64).expand(val.shape).contiguous()
-    moved = gu.replay([n for n in gu.chain_between(proj, entry) if n is not proj], env, {proj: ids},
-                      keep_dtype=True)
-    ev = moved[entry]
+    ev = traced[entry]
     shp = [str(x) for x in _shape(entry)]
     seq_sym = str(_shape(pre)[2])
     h_dim = 1 if shp[2] == seq_sym else 2
     per_head = ev[0, 0] if h_dim == 2 else ev[0, :, 0]  # [h, D]
     channels = tuple(int(x) for x in per_head.reshape(-1).tolist())
+    scale = _width_norm(gu.chain_between(proj, entry), int(val.shape[-1]))
     weight, bias, transposed = _proj_params(proj)
-    return Projection(weight, bias, channels, transposed), proj, chain
+    return Projection(weight, bias, channels, transposed, scale), proj, chain
+
+
+def _width_norm(chain: list[fx.Node], width: int) -> str | None:
+    """A per-channel parameter over the whole projection width on the way to the head view
+    (the weight of a norm over all heads, e.g. OLMo 2's q/k norms), if any."""
+    inside = set(chain)
+    for n in chain[1:]:
+        for a in gu.tensor_args(n):
+            w = _param_behind(a) if a not in inside else None
+            if w is not None and _shape(w) is not None and tuple(_shape(w)) == (width,):
+                return gu.fqn(w.target)
+    return None
+
+
+_WEIGHT_FLIPS = {"t", "numpy_T", "transpose", "permute", "mT"}
+_WEIGHT_CASTS = {"to", "_to_copy", "alias", "detach", "type_as", "contiguous"}
+
+
+def _weight_arg(a) -> tuple[fx.Node | None, int]:
+    """(the 2-D parameter behind operand ``a``, how many times it was transposed on the way)."""
+    flips = 0
+    for _ in range(4):
+        if not isinstance(a, fx.Node):
+            return None, 0
+        if a.op == "get_attr":
+            val = a.meta.get("val")
+            return (a, flips) if isinstance(val, torch.Tensor) and val.dim() == 2 else (None, 0)
+        op = gu.op_name(a)
+        if op in _WEIGHT_FLIPS:
+            flips += 1
+        elif op not in _WEIGHT_CASTS:
+            return None, 0
+        a = a.args[0]
+    return None, 0
 
 
 def _is_projection(n: fx.Node) -> bool:
     if gu.op_name(n) not in PROJ_OPS:
         return False
-    return any(a.op == "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
-               and a.meta["val"].dim() == 2 for a in gu.tensor_args(n))
+    if gu.op_name(n) == "linear":
+        return _weight_arg(n.args[1])[0] is not None
+    return any(_weight_arg(a)[0] is not None for a in n.args[:3])
 
 
 def _proj_params(n: fx.Node) -> tuple[str, str | None, bool]:
+    """(weight, bias, transposed: the weight is stored [in, out]) of a projection node."""
     op = gu.op_name(n)
-    attrs = [a for a in gu.tensor_args(n) if a.op == "get_attr"]
     if op == "linear":
-        w = n.args[1]
+        w, flips = _weight_arg(n.args[1])
         b = n.args[2] if len(n.args) > 2 and isinstance(n.args[2], fx.Node) else None
-        return gu.fqn(w.target), (gu.fqn(b.target) if b is not None and b.op == "get_attr" else None), False
+        return gu.fqn(w.target), (gu.fqn(b.target) if b is not None and b.op == "get_attr" else None), flips % 2 == 1
     if op == "addmm":  # Conv1D: addmm(bias, x, W[in, out])
         bias = gu.fqn(n.args[0].target) if n.args[0].op == "get_attr" else None
-        return gu.fqn(n.args[2].target), bias, True
-    w = attrs[0]
-    return gu.fqn(w.target), None, w is n.args[1]
+        w, flips = _weight_arg(n.args[2])
+        return gu.fqn(w.target), bias, flips % 2 == 0
+    w, flips = _weight_arg(n.args[1])
+    if w is not None:  # x @ W: stored [in, out] unless transposed on the way (x @ W.T)
+        return gu.fqn(w.target), None, flips % 2 == 0
+    w, flips = _weight_arg(n.args[0])
+    return gu.fqn(w.target), None, flips % 2 == 1
 
 
 def _rope_and_norm(chain: list[fx.Node], D: int, problems: list[str], what: str):
@@ -403,7 +692,7 @@ def _rope_and_norm(chain: list[fx.Node], D: int, problems: list[str], what: str)
         for n in chain:
             for a in gu.tensor_args(n):
                 w = _param_behind(a) if a not in inside else None
-                if w is not None and _shape(w) is not None and tuple(_shape(w)) == (D,):
+                if w is not None and _shape(w) is not None and tuple(_shape(w)) == (D,) and norm is None:
                     norm = gu.fqn(w.target)
     return rope, norm
 
@@ -448,10 +737,12 @@ def _output_projection(out: fx.Node, env, H: int, D: int) -> tuple[Projection | 
 
 # ---------------------------------------------------------------------------- masks
 def _mask_source(mask: fx.Node) -> fx.Node:
+    """The mask before slicing/broadcasting to the scores: back over movement ops that keep it
+    4-D (a [B, S] padding vector viewed as [B, 1, 1, S] stays the 4-D view)."""
     cur = mask
     while gu.is_movement(cur):
         data = [a for a in cur.args if isinstance(a, fx.Node)]
-        if not data:
+        if not data or len(_shape(data[0]) or ()) != 4:
             break
         cur = data[0]
     return cur
@@ -514,15 +805,25 @@ def _probe_window(cap: Captured, core_mask: fx.Node, kind: str, length: int = 15
 
 
 # ------------------------------------------------------------------------------ sites
+def _guarded(problems: list[str], what: str, default, fn, *args):
+    """``fn(*args)``, or ``default`` with a problem naming what failed: an unknown pattern in
+    one part of a site is a problem of that site, never an exception out of discovery."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded in site.problems
+        problems.append(f"{what}: not understood ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+        return default
+
+
 def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
-    env, problems = cap.env, list(core.problems)
+    env, core_probs = cap.env, list(core.problems)
     qshape = _shape(core.q)
     H, D = int(qshape[1]), int(qshape[3])
     k_pre, k_chain = _head_pre(core.k, _shape(core.k))
     v_pre, v_chain = _head_pre(core.v, _shape(core.v))
     Hkv = int(_shape(k_pre)[1])
-    kmap = _trace_heads(k_pre, k_chain, core.k, env)
-    vmap = _trace_heads(v_pre, v_chain, core.v, env)
+    kmap = _guarded(core_probs, "key head map", list(range(H)), _trace_heads, k_pre, k_chain, core.k, env)
+    vmap = _guarded(core_probs, "value head map", list(range(H)), _trace_heads, v_pre, v_chain, core.v, env)
     core_h = int(_shape(core.k)[1])
     if core.gqa and core_h != H:
         kmap = [kmap[h * core_h // H] for h in range(H)]
@@ -530,19 +831,21 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
     elif core_h == 1 and H > 1:
         kmap, vmap = kmap * H, vmap * H
     if kmap != vmap:
-        problems.append("keys and values use different head maps")
+        core_probs.append("keys and values use different head maps")
     if int(_shape(v_pre)[1]) != Hkv:
-        problems.append("keys and values have different head counts")
-    qp, q_node, q_chain = _projection(core.q, env, problems, "query path")
-    kp, k_node, k_path = _projection(k_pre, env, problems, "key path")
-    vp, v_node, v_path = _projection(v_pre, env, problems, "value path")
-    rope, k_norm = _rope_and_norm(k_path, D, problems, "key path")
-    _, q_norm = _rope_and_norm(q_chain, D, problems, "query path")
-    _, _ = _rope_and_norm(v_path, D, [], "value path")
-    op, o_node = _output_projection(core.out, env, H, D)
-    causal, window = _mask_facts(core, env, problems)
+        core_probs.append("keys and values have different head counts")
+    causal, window = _guarded(core_probs, "mask", (core.is_causal, None), _mask_facts, core, env, core_probs)
     if probe and core.mask is not None:
-        window = _probe_window(cap, core.mask, core.mask_kind)
+        window = _guarded(core_probs, "mask window", None, _probe_window, cap, core.mask, core.mask_kind)
+    # the projection side: what forms that change weights need (SharedKV, MHC)
+    problems: list[str] = []
+    none3 = (None, None, [])
+    qp, q_node, q_chain = _guarded(problems, "query path", none3, _projection, core.q, env, problems, "query path")
+    kp, k_node, k_path = _guarded(problems, "key path", none3, _projection, k_pre, env, problems, "key path")
+    vp, v_node, v_path = _guarded(problems, "value path", none3, _projection, v_pre, env, problems, "value path")
+    rope, k_norm = _guarded(problems, "key path", (None, None), _rope_and_norm, k_path, D, problems, "key path")
+    _, q_norm = _guarded(problems, "query path", (None, None), _rope_and_norm, q_chain, D, problems, "query path")
+    op, o_node = _guarded(problems, "output projection", (None, None), _output_projection, core.out, env, H, D)
     scale = core.scale if core.scale is not None else 1 / math.sqrt(D)
     # the owning module: the smallest holding the core and its K/V/output projections
     paths = [gu.module_path(n) for n in (core.out, k_node, v_node, o_node) if n is not None]
@@ -551,15 +854,27 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
     nodes = SiteNodes(cap, core.out, core.q, k_pre, v_pre,
                       None if core.mask is None else _mask_source(core.mask), core.mask_kind,
                       core.inner, k_node, v_node, q_node)
+    where = name or "<top>"
     site = AttentionSite(name, layer, H, Hkv, D, tuple(kmap), qp, kp, vp, op, rope, q_norm, k_norm,
-                         causal, window, float(scale), core.softcap, core.kind, problems, nodes)
-    site.problems = [f"{name or '<top>'}: {p}" for p in problems]
+                         causal, window, float(scale), core.softcap, core.kind,
+                         [f"{where}: {p}" for p in core_probs + problems], nodes,
+                         [f"{where}: {p}" for p in core_probs])
     return site
 
 
-def find_sites_in(cap: Captured, *, probe_windows: bool = True) -> list[AttentionSite]:
+class SiteList(list):
+    """The sites of a graph (a list), with ``passed``: why each softmax that is not an
+    attention core was passed over (node and op), for error messages."""
+
+    passed: list[str]
+
+
+def find_sites_in(cap: Captured, *, probe_windows: bool = True) -> SiteList:
     """All attention sites of a captured graph, in graph order."""
-    return [_site(cap, c, i, probe_windows) for i, c in enumerate(_cores(cap.graph))]
+    cores, passed = _cores(cap.graph, cap.env)
+    out = SiteList(_site(cap, c, i, probe_windows) for i, c in enumerate(cores))
+    out.passed = passed
+    return out
 
 
 def find_sites(model: nn.Module, example_inputs=None) -> list[AttentionSite]:

@@ -170,3 +170,111 @@ ALL = {**HF_CAUSAL, "bert": bert,
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return ALL[name]().eval()
+
+
+# ------------------------------------------- models written outside transformers (issue 20)
+class _ScaledFirstAttention(nn.Module):
+    """gpt-fast-like, with the spellings seen in the wild: the query scaled *before* the head
+    view, a norm over the whole key projection width, ``repeat_interleave`` GQA, a
+    ``masked_fill`` causal mask, and softmax in fp32 cast back (``.type_as``)."""
+
+    def __init__(self, dim: int, n_head: int, n_kv: int):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = n_head, n_kv, dim // n_head
+        self.wq = nn.Linear(dim, n_head * self.hd, bias=False)
+        self.wk = nn.Linear(dim, n_kv * self.hd, bias=False)
+        self.wv = nn.Linear(dim, n_kv * self.hd, bias=False)
+        self.k_norm = nn.RMSNorm(n_kv * self.hd)
+        self.wo = nn.Linear(n_head * self.hd, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = (self.wq(x) * self.hd ** -0.5).view(B, S, self.n_head, self.hd).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_norm(self.wk(x)).view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        scores = q @ k.transpose(-2, -1)
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        y = torch.softmax(scores.float(), dim=-1).type_as(q) @ v
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class NoGetterLM(nn.Module):
+    """A hand-written decoder with an ``nn.Embedding`` but no ``get_input_embeddings()``: kvpass
+    must find the token input itself."""
+
+    def __init__(self, dim=64, n_head=4, n_kv=2, layers=2, vocab=VOCAB):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(256, dim)
+        self.attn = nn.ModuleList(_ScaledFirstAttention(dim, n_head, n_kv) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        for norm, att in zip(self.norms, self.attn):
+            x = x + att(norm(x))
+        return self.head(x)
+
+
+class MHALM(nn.Module):
+    """A causal LM built from ``nn.MultiheadAttention`` (batch_first, fused ``in_proj_weight``)."""
+
+    def __init__(self, dim=64, n_head=4, layers=2, vocab=VOCAB):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(nn.MultiheadAttention(dim, n_head, batch_first=True) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        S = ids.shape[1]
+        mask = torch.ones(S, S, dtype=torch.bool, device=ids.device).triu(1)  # True = masked
+        for norm, att in zip(self.norms, self.layers):
+            h = norm(x)
+            x = x + att(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return self.head(x)
+
+
+class _TimmAttention(nn.Module):
+    """timm's ViT attention: fused qkv viewed as [B, N, 3, H, D] and permuted to [3, B, H, N, D],
+    per-head q/k LayerNorm, ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, n_head: int):
+        super().__init__()
+        self.n_head, self.hd = n_head, dim // n_head
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm, self.k_norm = nn.LayerNorm(self.hd), nn.LayerNorm(self.hd)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.n_head, self.hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class TimmStyleEncoder(nn.Module):
+    """A bidirectional token encoder with timm ViT blocks (no ``get_input_embeddings``)."""
+
+    def __init__(self, dim=64, n_head=4, layers=2, vocab=VOCAB):
+        super().__init__()
+        self.patch_embed = nn.Embedding(vocab, dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, 256, dim) * 0.02)
+        self.blocks = nn.ModuleList(_TimmAttention(dim, n_head) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        h = self.patch_embed(x) + self.pos_embed[:, : x.shape[1]]
+        for blk in self.blocks:
+            h = h + blk(h)
+        return self.norm(h)
+
+
+OUTSIDE = {"no_getter": NoGetterLM, "mha": MHALM, "timm": TimmStyleEncoder}

@@ -110,7 +110,7 @@ def kv_weights(weights: dict, site: AttentionSite) -> tuple[torch.Tensor, torch.
     rows, bias = [], []
     for proj in (site.k_proj, site.v_proj):
         for h in range(site.num_kv_heads):
-            w, b = shared_kv._get(weights, proj, h, D)
+            w, b, _ = shared_kv._get(weights, proj, h, D)
             rows.append(w.double())
             bias.append(torch.zeros(D, dtype=torch.float64) if b is None else b.double())
     has_bias = bool(site.k_proj.bias or site.v_proj.bias)
@@ -270,6 +270,11 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
         raise SiteError(f"{site.name}: keys and values are not projected from one input; MHC needs "
                         "a shared input (self-attention)")
     env = sample_env(gm, att.sample_leaves())
+    xs, qs = tuple(env[x].shape), tuple(env[h["q"]].shape)
+    if len(xs) != 3 or xs[:2] != (qs[0], qs[2]):
+        raise SiteError(f"{site.name}: the K/V projection input {x.name} has shape {list(xs)}; MHC's latent "
+                        f"needs it as [batch, seq, features] ([{qs[0]}, {qs[2]}, ...] in the sample call): a "
+                        "sequence-first layout (nn.MultiheadAttention's) is not supported")
     kpath = PathFn(gm, env, h["k_proj"], h["k_pre"], f"{site.name} key path")
     vpath = PathFn(gm, env, h["v_proj"], h["v_pre"], f"{site.name} value path")
     paths = None

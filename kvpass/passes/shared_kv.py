@@ -110,15 +110,17 @@ def _rows(proj: Projection, head: int, D: int) -> list[int]:
     return list(proj.channels[head * D:(head + 1) * D])
 
 
-def _get(weights: dict, proj: Projection, head: int, D: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _get(weights: dict, proj: Projection, head: int, D: int):
+    """(rows [D, in], bias [D] or None, width-norm scale [D] or None) of one head."""
     w = weights[proj.weight]
     rows = torch.tensor(_rows(proj, head, D))
     wh = w.data[:, rows].T if proj.transposed else w.data[rows]  # [D, in]
     bh = weights[proj.bias].data[rows] if proj.bias else None
-    return wh.clone(), (None if bh is None else bh.clone())
+    sh = weights[proj.scale].data[rows] if proj.scale else None
+    return wh.clone(), (None if bh is None else bh.clone()), (None if sh is None else sh.clone())
 
 
-def _set(weights: dict, proj: Projection, head: int, D: int, wh, bh) -> None:
+def _set(weights: dict, proj: Projection, head: int, D: int, wh, bh, sh=None) -> None:
     w = weights[proj.weight]
     rows = torch.tensor(_rows(proj, head, D))
     if proj.transposed:
@@ -127,6 +129,8 @@ def _set(weights: dict, proj: Projection, head: int, D: int, wh, bh) -> None:
         w.data[rows] = wh.to(w.dtype)
     if proj.bias and bh is not None:
         weights[proj.bias].data[rows] = bh.to(w.dtype)
+    if proj.scale and sh is not None:  # a norm over the whole projection: its entries merge too
+        weights[proj.scale].data[rows] = sh.to(weights[proj.scale].dtype)
 
 
 def _get_cols(weights: dict, proj: Projection, head: int, D: int) -> torch.Tensor:
@@ -181,8 +185,9 @@ def merge(weights: dict, site: AttentionSite, groups: list[list[int]], head_map,
                 wg = torch.linalg.solve(total, sum(c @ p[0].double() for c, p in zip(cs, parts)))
                 bg = None if parts[0][1] is None else torch.linalg.solve(
                     total, sum(c @ p[1].double() for c, p in zip(cs, parts)))
+            sg = None if parts[0][2] is None else torch.stack([p[2] for p in parts]).mean(0)
             for h in gr:
-                _set(weights, proj, h, D, wg, bg)
+                _set(weights, proj, h, D, wg, bg, sg)
 
 
 def _weighting(weights, site, kv_head: int, kind: str, head_map, stats) -> torch.Tensor:
