@@ -413,7 +413,7 @@ class _InGraph:
     def drop_kv_inputs(self) -> list[str]:
         """A cross-layer consumer: the core no longer takes keys/values."""
         call = self.core_call()
-        call.args = (call.args[0], None, None, call.args[3])
+        call.args = (call.args[0], None, None, *call.args[3:])
         return self.remove_unused_parameters()
 
     def remove_unused_parameters(self) -> list[str]:

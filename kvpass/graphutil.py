@@ -15,7 +15,7 @@ MOVEMENT_OPS = frozenset({
     "expand_as", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "getitem",
     "chunk", "unbind", "to", "_to_copy", "alias", "flatten", "unflatten", "repeat_interleave",
     "repeat", "detach", "lift_fresh_copy", "t", "narrow", "index_select", "movedim", "type_as",
-    "_assert_tensor_metadata", "index",
+    "_assert_tensor_metadata", "index", "reshape_as", "view_as",
 })
 
 

@@ -121,6 +121,7 @@ class KVCore(nn.Module):
         self.latent = None  # a kvpass.latent.Latent (MHC), registered when set
         self.taps: list = []
         self.out_order: tuple[int, ...] | None = None  # memory order of the replaced core's output
+        self._sink = None  # this call's sink logits
         self._producer: list[KVCore] = []  # unregistered reference
         self._cache = None  # set by KVAttention for the duration of one call
         self._last = None   # this call's stored K/V, for consumers in cache-free forwards
@@ -179,10 +180,23 @@ class KVCore(nn.Module):
         h = self.stored_heads()
         return [(h, self.spec.head_dim), (h, self.spec.head_dim)]
 
-    def forward(self, q, k=None, v=None, mask=None):
-        out = self._forward(q, k, v, mask)
+    def __getstate__(self):
+        """Copies and pickles leave out what belongs to one call (its K/V, cache and sink
+        logits): tensors of a forward that ran with autograd cannot be deep-copied."""
+        state = dict(self.__dict__)
+        state.update(_last=None, _cache=None, _sink=None)
+        return state
+
+    def forward(self, q, k=None, v=None, mask=None, sink_logits=None):
+        """``sink_logits``: the model's per-head sink logits ([H], gpt-oss), when it has them."""
+        self.__dict__["_sink"] = sink_logits  # not Module.__setattr__: a Parameter must not register
+        try:
+            out = self._forward(q, k, v, mask)
+        finally:
+            self.__dict__["_sink"] = None
         order = self.out_order
-        if order is not None and out.dim() == len(order) and _stride_order(out) != order:
+        if (order is not None and not torch.compiler.is_compiling() and out.dim() == len(order)
+                and _stride_order(out) != order):
             # the graph after the core may view the output as the original op laid it out
             # (CPU SDPA returns [B, S, H, D] memory): give it that layout
             out = out.permute(order).contiguous().permute(_inverse(order))
@@ -209,10 +223,11 @@ class KVCore(nn.Module):
         mask = _prepare_mask(mask, s.mask_kind, k.shape[2])
         spec = _kernel_spec(s, tuple(head_map), k.shape[1], str(q.dtype).replace("torch.", ""),
                             mask is not None)
-        if spec is None or (torch.is_grad_enabled() and q.requires_grad):
-            # shapes no kernel covers, or healing (training needs the differentiable reference)
-            return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale,
-                                       causal=s.causal, softcap=s.softcap, mask=mask)
+        if spec is None or (torch.is_grad_enabled() and q.requires_grad) or self._sink is not None:
+            # shapes no kernel covers, healing (training needs the differentiable reference), or
+            # sink logits (the reference's extra column; no kernel has them yet)
+            return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
+                                       softcap=s.softcap, mask=mask, sink_logits=self._sink)
         return codegen.attention(q, k, v, spec, mask=mask)  # kernels on GPU, reference on CPU
 
     def _select(self, k, v):
@@ -264,7 +279,8 @@ class KVCore(nn.Module):
             layer = None
         head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
         if decode and layer is not None:
-            out = self._attend_quant(q, layer, layer.last_positions, limit, head_map)
+            out = None if self._sink is not None else self._attend_quant(q, layer, layer.last_positions, limit,
+                                                                          head_map)
             if out is not None:
                 return out
             if step is None:  # no kernel spec fits: the same reading in torch
@@ -281,7 +297,7 @@ class KVCore(nn.Module):
             return lat.absorbed_output(o, head_map, q_pos)
         q = lat.query(q, q_pos)
         if lat.fit is not None and hats is None and not (torch.is_grad_enabled() and q.requires_grad) \
-                and codegen.kernel_mode(q.device) != "reference":
+                and codegen.kernel_mode(q.device) != "reference" and self._sink is None:
             out = self._attend_fused(q, k, q_pos, k_pos, limit, head_map)
             if out is not None:
                 return out
@@ -359,13 +375,14 @@ class KVCore(nn.Module):
             ref = reference.attention if torch.is_grad_enabled() and q.requires_grad else reference.attention_sdpa
             return ref(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
                        q_pos=q_pos, k_pos=k_pos, block_mask=table, k_hat=hats[0], v_hat=hats[1],
-                       quant=plan.quant, **args)
+                       quant=plan.quant, sink_logits=self._sink, **args)
         spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,
                             has_block_mask=table is not None, head_dim=q.shape[-1],
                             head_dim_v=v.shape[-1], **args)
-        if spec is None or (torch.is_grad_enabled() and q.requires_grad):
+        if spec is None or (torch.is_grad_enabled() and q.requires_grad) or self._sink is not None:
             return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
-                                       softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table, **args)
+                                       softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table,
+                                       sink_logits=self._sink, **args)
         return codegen.attention(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, block_mask=table)
 
     def extra_repr(self) -> str:
@@ -550,7 +567,7 @@ class KVAttention(nn.Module):
         """Stop computing keys/values (a cross-layer consumer): cut them from the graph and
         remove parameters nothing reads any more.  Returns the removed parameter names."""
         call = self.core_call()
-        call.args = (call.args[0], None, None, call.args[3])
+        call.args = (call.args[0], None, None, *call.args[3:])
         return self.remove_unused_parameters()
 
 
@@ -615,7 +632,8 @@ def replace_cores(cap: Captured, swaps: list[tuple[AttentionSite, KVCore, str]])
             except Exception:  # noqa: BLE001 - symbolic strides that can't be ordered: leave as is
                 core.out_order = None
         with g.inserting_before(n.out):
-            new = g.call_module(name, (n.q, n.k_pre, n.v_pre, n.mask))
+            sinks = () if n.sinks is None else (n.sinks,)
+            new = g.call_module(name, (n.q, n.k_pre, n.v_pre, n.mask, *sinks))
         new.meta = dict(n.out.meta)
         n.out.replace_all_uses_with(new)
         out = g.output_node()

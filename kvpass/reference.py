@@ -93,8 +93,13 @@ def attention(
     k_hat: Tensor | None = None,
     v_hat: Tensor | None = None,
     quant=None,
+    sink_logits: Tensor | None = None,
 ) -> Tensor:
     """Attention of ``q`` over ``k``/``v`` under a form's visibility rules. -> [B, H, Sq, Dv]
+
+    ``sink_logits`` ([H], gpt-oss style): one more logit per query head joins every row's
+    softmax and its probability is dropped (a key that every query sees, with value zero), so
+    a head can attend to "nothing".
 
     ``kv_head_map[h]`` is the KV head query head ``h`` reads (default: contiguous groups).
     ``mask`` is a graph's own mask, broadcastable to [B, H, Sq, Sk]: bool (True = keep) or
@@ -125,7 +130,11 @@ def attention(
             scores = scores + mask.float()
             vis = vis & torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min)
     scores = scores.masked_fill(~vis, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sink_logits is not None:  # one more column per head, dropped after the softmax
+        col = sink_logits.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, col], -1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key -> zeros
     if sel is not None:
         return (torch.matmul(probs * sel, v_hat.float()) + torch.matmul(probs * ~sel, v)).to(q.dtype)
@@ -143,7 +152,8 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     :func:`attention` runs then.
     """
     mask = kw.get("mask")
-    if kw.get("softcap") is not None or (mask is not None and mask.dtype != torch.bool):
+    if (kw.get("softcap") is not None or kw.get("sink_logits") is not None
+            or (mask is not None and mask.dtype != torch.bool)):
         return attention(q, k, v, **kw)
     k_hat, v_hat, quant = kw.pop("k_hat", None), kw.pop("v_hat", None), kw.pop("quant", None)
     sel = None

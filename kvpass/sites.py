@@ -101,6 +101,7 @@ class AttentionSite:
     problems: list[str] = field(default_factory=list)
     nodes: SiteNodes | None = field(default=None, repr=False, compare=False)
     core_problems: list[str] = field(default_factory=list)
+    sink_logits: str | None = None  # per-head logits that join every softmax row (gpt-oss), if any
 
     @property
     def ok(self) -> bool:
@@ -138,6 +139,7 @@ class AttentionSite:
                             for k, p in (("q", self.q_proj), ("k", self.k_proj),
                                          ("v", self.v_proj), ("o", self.o_proj))},
             "problems": list(self.problems), "core_problems": list(self.core_problems),
+            "sink_logits": self.sink_logits,
         }
 
     def key_path(self) -> fx.GraphModule:
@@ -167,6 +169,7 @@ class SiteNodes:
     k_proj: fx.Node | None = None
     v_proj: fx.Node | None = None
     q_proj: fx.Node | None = None
+    sinks: fx.Node | None = None  # the per-head sink logits the core reads, if any
 
 
 # ---------------------------------------------------------------------------------- cores
@@ -185,6 +188,7 @@ class _Core:
     inner: set
     kind: str
     problems: list[str]
+    sinks: fx.Node | None = None  # per-head sink logits [H] joining the softmax (gpt-oss)
 
 
 def _sdpa_core(n: fx.Node) -> _Core:
@@ -219,7 +223,7 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
     """
     problems: list[str] = []
     inner = {sm}
-    scale, softcap, mask, mask_kind = 1.0, None, None, "none"
+    scale, softcap, mask, mask_kind, sinks = 1.0, None, None, "none", None
     cur = sm.args[0]
     for _ in range(48):
         if not isinstance(cur, fx.Node) or gu.op_name(cur) in MATMUL_OPS or _einsum_qk(cur):
@@ -276,8 +280,14 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
                                         problems)
             cur = a if keep else b
         elif op == "cat":
-            problems.append(f"extra logits concatenated to the scores (node {cur.name}): per-head sink "
-                            "logits are not a form kvpass reproduces yet")
+            found = _sink_logits(cur) if sinks is None else None
+            if found is None:
+                problems.append(f"extra logits concatenated to the scores (node {cur.name}) that are not one "
+                                "per-head sink logit")
+            else:
+                sinks = found
+                inner.add(cur)
+                inner |= set(gu.chain_between(sinks, cur)) - {sinks}
             cur = tens[0]
         else:
             main, _ = _main_and_side(tens) if len(tens) > 1 else (tens[0], None)
@@ -314,6 +324,9 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
     if pv is None:
         return None, f"softmax {sm.name}: its probabilities do not feed one matmul with the values"
     inner |= set(gu.chain_between(sm, p))
+    if sinks is not None and not any(gu.op_name(n) in ("slice", "narrow") for n in gu.chain_between(sm, p)):
+        problems.append(f"sink logits (node {sinks.name}) whose probability column is not dropped before "
+                        "the values")
     inner.add(pv)
     v = pv.args[1][1] if gu.op_name(pv) == "einsum" else pv.args[1]
     out = pv
@@ -327,7 +340,8 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
         return None, f"softmax {sm.name}: a [batch·heads, seq, dim] core whose 4-D views were not found"
     if len(_shape(q) or ()) != 4:
         return None, f"softmax {sm.name}: queries of shape {list(_shape(q) or [])} (not [B, H, S, D])"
-    return _Core(out, q, k, v, mask, mask_kind, scale, softcap, False, False, inner, "eager", problems), None
+    return _Core(out, q, k, v, mask, mask_kind, scale, softcap, False, False, inner, "eager", problems,
+                 sinks), None
 
 
 _PROB_OPS = _CASTS | _RESHAPES | {"dropout", "native_dropout", "slice", "narrow"}
@@ -372,6 +386,9 @@ def _redundant(a, kind_a: str, b, kind_b: str, env: dict | None) -> bool:
     alone is the visibility: e.g. GPT-Neo's causal buffer beside HF's causal + padding mask)."""
     if env is None or not isinstance(env.get(a), torch.Tensor) or not isinstance(env.get(b), torch.Tensor):
         return False
+    for m, kind in ((env[a], kind_a), (env[b], kind_b)):
+        if kind == "additive" and bool(((m.float() > -1e3) & (m != 0)).any()):
+            return False  # finite non-zero terms: a score bias (ALiBi, relative positions), not a mask
     try:
         ka, kb = torch.broadcast_tensors(_keep(env[a], kind_a), _keep(env[b], kind_b))
     except RuntimeError:
@@ -390,6 +407,29 @@ def _one_mask(mask, kind: str, new, new_kind: str, node: fx.Node, env, problems:
         return new, new_kind
     problems.append(f"a second mask (node {node.name}) that the first does not imply")
     return mask, kind
+
+
+def _sink_logits(cat: fx.Node) -> fx.Node | None:
+    """For ``cat([scores, s], -1)`` with ``s`` a [H] parameter broadcast to [B, H, Sq, 1]: the
+    [H] node (sink logits, one per head), else None."""
+    parts = cat.args[0] if isinstance(cat.args[0], (list, tuple)) else []
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    shp = _shape(cat)
+    if len(parts) != 2 or shp is None or len(shp) != 4 or dim not in (-1, 3):
+        return None
+    side = parts[1]
+    side_shape = _shape(side) if isinstance(side, fx.Node) else None
+    if side_shape is None or str(side_shape[-1]) != "1":
+        return None
+    cur = side
+    for _ in range(8):
+        val = _shape(cur)
+        if val is not None and len(val) == 1 and str(val[0]) == str(shp[1]):
+            return cur
+        if not gu.is_movement(cur) or not gu.tensor_args(cur):
+            return None
+        cur = gu.tensor_args(cur)[0]
+    return None
 
 
 def _strip_scalar(n, inner: set, env: dict | None = None) -> tuple[object, float]:
@@ -697,6 +737,12 @@ def _rope_and_norm(chain: list[fx.Node], D: int, problems: list[str], what: str)
     return rope, norm
 
 
+def _param_name(n: fx.Node) -> str:
+    """The qualified name of the parameter behind ``n`` (casts/views), else the node's name."""
+    w = _param_behind(n)
+    return gu.fqn(w.target) if w is not None else n.name
+
+
 def _param_behind(n: fx.Node, steps: int = 3) -> fx.Node | None:
     """The parameter a norm scale comes from, through e.g. Gemma's ``1 + weight`` or a cast."""
     for _ in range(steps):
@@ -811,7 +857,8 @@ def _guarded(problems: list[str], what: str, default, fn, *args):
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - recorded in site.problems
-        problems.append(f"{what}: not understood ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        problems.append(f"{what}: not understood ({type(e).__name__}: {msg})")
         return default
 
 
@@ -853,12 +900,13 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
     name = gu.common_prefix(p for p in paths if p)
     nodes = SiteNodes(cap, core.out, core.q, k_pre, v_pre,
                       None if core.mask is None else _mask_source(core.mask), core.mask_kind,
-                      core.inner, k_node, v_node, q_node)
+                      core.inner, k_node, v_node, q_node, core.sinks)
     where = name or "<top>"
     site = AttentionSite(name, layer, H, Hkv, D, tuple(kmap), qp, kp, vp, op, rope, q_norm, k_norm,
                          causal, window, float(scale), core.softcap, core.kind,
                          [f"{where}: {p}" for p in core_probs + problems], nodes,
-                         [f"{where}: {p}" for p in core_probs])
+                         [f"{where}: {p}" for p in core_probs],
+                         None if core.sinks is None else _param_name(core.sinks))
     return site
 
 

@@ -287,6 +287,7 @@ def _form_check(base, form, size_fn, visibility: bool, n_sites: int, ref_out, in
     """Apply ``form`` to a copy of ``base`` (an all-Full optimised model): applied / refused /
     noop / crash, with the measured cache bytes."""
     import kvpass
+
     from .capture import run_cache_free
     from .lower import KVAttention
 
@@ -335,6 +336,7 @@ def _exc(e: BaseException) -> str:
 def check_family(model_type: str, kind: str = "causal") -> dict:
     """Build ``model_type`` tiny and run every zoo check on it (see the module docstring)."""
     import kvpass
+
     from .capture import default_example_inputs, run_cache_free
 
     row: dict = {"model_type": model_type, "kind": kind}
@@ -521,6 +523,20 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def write_json(rows: list[dict], path: str) -> None:
+    """The rows, the summary and the versions they were measured with, written atomically."""
+    import platform
+
+    import transformers
+
+    data = {"summary": summary(rows), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "rows": rows}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One line per family: class, cores run / sites found, identity error, each form's status."""
     s = summary(rows)
@@ -529,7 +545,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"EXACT {pct(s['exact_share'])} of {s['buildable']} buildable; Window applied on "
             f"{pct(s['window_applied_share'])} and Quantize on {pct(s['quantize_applied_share'])} of causal "
             f"families with a core found; silent no-ops: {s['silent_noops']}.", "",
-            "| family | kind | class | cores / sites | identity | window or sparse | quantize | shared_kv | first problem |",
+            "| family | kind | class | cores / sites | identity | window or sparse | quantize | shared_kv "
+            "| first problem |",
             "|---|---|---|---|---|---|---|---|---|"]
     lines = []
     for r in rows:

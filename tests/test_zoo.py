@@ -336,3 +336,37 @@ def test_alibi_is_a_named_core_problem():
     assert "ALiBi" in found[0].core_problems[0]
     with pytest.raises(KVPassError, match="ALiBi"):
         kvpass.optimize(model, kvpass.Window(4))
+
+
+# ------------------------------------------------------------------- sink logits (gpt-oss)
+def test_sink_logits_reference_is_an_extra_softmax_column():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    sinks = torch.randn(4, generator=g)
+    from kvpass import reference
+
+    got = reference.attention(q, k, v, causal=True, sink_logits=sinks)
+    s = (q @ k.transpose(-1, -2)) * 8 ** -0.5
+    s = s.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    p = torch.softmax(torch.cat([s, sinks.view(1, 4, 1, 1).expand(2, 4, 5, 1)], -1), -1)[..., :-1]
+    assert torch.allclose(got, p @ v, atol=1e-6)
+    assert torch.allclose(reference.attention_sdpa(q, k, v, causal=True, sink_logits=sinks), got, atol=1e-6)
+
+
+def test_gpt_oss_sink_logits_exact_and_composable():
+    model = zoo.build("gpt_oss")
+    fast = kvpass.optimize(model)
+    s = fast._kvpass.sites[0]
+    assert s.ok and s.sink_logits is not None and s.sink_logits.endswith("sinks")
+    ids = _ids(12)
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert (fast(ids).logits - ref).abs().max() < 1e-5
+    a = model.generate(ids, max_new_tokens=6, do_sample=False)
+    b = fast.generate(ids, max_new_tokens=6, do_sample=False)  # decode over kvpass's cache
+    assert torch.equal(a, b)
+    q8 = kvpass.optimize(fast, kvpass.Quantize(bits=8, group=4))
+    with torch.no_grad():
+        assert (q8(ids).logits - ref).abs().max() < 5e-2
+    with pytest.raises(SiteError, match="sink logits"):
+        kvpass.optimize(fast, kvpass.MHC(ratio=2, method="svd"))

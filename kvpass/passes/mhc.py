@@ -259,6 +259,9 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
     if plan.keep is not None or core.producer is not None or core.latent is not None:
         raise SiteError(f"{site.name}: MHC cannot follow SharedKV or another MHC on one layer (the "
                         "latent is shared by all heads already); compose MHC with Window or Sparse")
+    if site.sink_logits is not None:
+        raise SiteError(f"{site.name}: MHC with the model's sink logits ({site.sink_logits}) is not supported "
+                        "yet (the latent's value bias assumes probabilities that sum to one)")
     rank = layer_rank(site, form, ctx)
     bl = blocks(site, form, rank)
     h = att.handles()
@@ -271,10 +274,10 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
                         "a shared input (self-attention)")
     env = sample_env(gm, att.sample_leaves())
     xs, qs = tuple(env[x].shape), tuple(env[h["q"]].shape)
-    if len(xs) != 3 or xs[:2] != (qs[0], qs[2]):
+    if not (len(xs) == 3 and xs[:2] == (qs[0], qs[2]) or len(xs) == 2 and xs[0] == qs[0] * qs[2]):
         raise SiteError(f"{site.name}: the K/V projection input {x.name} has shape {list(xs)}; MHC's latent "
-                        f"needs it as [batch, seq, features] ([{qs[0]}, {qs[2]}, ...] in the sample call): a "
-                        "sequence-first layout (nn.MultiheadAttention's) is not supported")
+                        f"needs it as [batch, seq, features] or [batch·seq, features] ([{qs[0]}, {qs[2]}, ...] in "
+                        "the sample call): a sequence-first layout (nn.MultiheadAttention's) is not supported")
     kpath = PathFn(gm, env, h["k_proj"], h["k_pre"], f"{site.name} key path")
     vpath = PathFn(gm, env, h["v_proj"], h["v_pre"], f"{site.name} value path")
     paths = None
@@ -318,7 +321,7 @@ def apply(att: KVAttention, site: AttentionSite, form: MHC, ctx) -> LayerPlan:
     core.latent = lat
     call = att.core_call()
     q_src = h["q_proj"] if paths is not None and paths[2] is not None else call.args[0]
-    call.args = (q_src, x, None, call.args[3])
+    call.args = (q_src, x, None, *call.args[3:])
     ctx.removed += att.remove_unused_parameters()
     core.plan = dataclasses.replace(plan, latent=lat.rank, window=plan.kept_window(site.window))
     if form.refit:
