@@ -23,6 +23,7 @@ from .sites import AttentionSite, find_sites_in
 __all__ = ["optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report"]
 
 VISIBILITY_FORMS = ("full", "window", "sparse", "quantize")  # forms that change no weights
+POSITIONAL_FORMS = ("window", "sparse", "quantize", "mhc")  # forms that see keys by token position
 
 
 def _in_order(forms):
@@ -210,9 +211,12 @@ def retarget(model: nn.Module, policy) -> nn.Module:
     weights = dict(model.named_parameters())
     report = getattr(model, "_kvpass", None)
     for s in report.sites if report is not None else []:
-        if s.name in report.kept and policy.forms_for(s.layer, s.name) != (Full(),):
+        forms = policy.forms_for(s.layer, s.name)
+        if s.name in report.kept and forms != (Full(),):
             raise SiteError(f"cannot retarget {s.name or '<top>'}: it was kept as the model has it "
                             f"({report.kept[s.name]}); leave it Full() in the policy")
+        if s.positional_problems and any(f.kind in POSITIONAL_FORMS for f in forms):
+            raise SiteError("cannot retarget " + "; ".join(s.positional_problems))
     for att in [m for m in model.modules() if isinstance(m, KVAttention)]:
         core, site = att.kv_core, att.site
         forms = policy.forms_for(site.layer, site.name)
@@ -295,6 +299,8 @@ def _choose(sites, policy: Policy, report: Report) -> dict[str, tuple[Form, ...]
             continue
         weights = [f.kind for f in forms if f.kind not in VISIBILITY_FORMS]
         blocking = s.problems if weights else s.core_problems
+        if any(f.kind in POSITIONAL_FORMS for f in forms) and not blocking:
+            blocking = s.positional_problems
         if blocking and not lossless:
             need = (f"form(s) {weights} change the projection weights, which need the projections "
                     "understood" if weights else "the attention core is not understood")

@@ -218,6 +218,20 @@ def window_changes(config: dict, layer_forms: list) -> dict | None:
     return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": only[0].size}
 
 
+def _refuse_overlap(out: Path, sources: list[Path]) -> None:
+    """OUT must be neither the source nor inside or above it, ``--force`` or not: replacing it
+    would delete the source."""
+    o = out.resolve()
+    for src in sources:
+        if not src.exists():
+            continue
+        r = src.resolve()
+        if o == r or r in o.parents or o in r.parents:
+            how = "is" if o == r else "is inside" if r in o.parents else "contains"
+            raise CheckpointError(f"{out} {how} the source {src}; write the rewrite to another folder "
+                                  "(--force never replaces a source)")
+
+
 def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: str | None = None,
             dtype: str = "float32", force: bool = False, allow_pickle: bool = False,
             heal: int = 0, native: bool = True, progress: bool = True, stream: bool = True) -> dict:
@@ -233,6 +247,7 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
         raise CheckpointError(f"{out} exists; pass --force to replace it")
     t0 = time.perf_counter()
     folder = _check_source(src, allow_pickle)
+    _refuse_overlap(out, [Path(src), Path(folder)])
     safe, pickled = _source_files(folder)
     digest = BackgroundHash(safe or pickled)
     source = {"path": str(src), "sha256": digest}  # filled in before anything is written

@@ -102,6 +102,7 @@ class AttentionSite:
     nodes: SiteNodes | None = field(default=None, repr=False, compare=False)
     core_problems: list[str] = field(default_factory=list)
     sink_logits: str | None = None  # per-head logits that join every softmax row (gpt-oss), if any
+    positional_problems: list[str] = field(default_factory=list)  # what refuses position-based forms
 
     @property
     def ok(self) -> bool:
@@ -139,7 +140,7 @@ class AttentionSite:
                             for k, p in (("q", self.q_proj), ("k", self.k_proj),
                                          ("v", self.v_proj), ("o", self.o_proj))},
             "problems": list(self.problems), "core_problems": list(self.core_problems),
-            "sink_logits": self.sink_logits,
+            "sink_logits": self.sink_logits, "positional_problems": list(self.positional_problems),
         }
 
     def key_path(self) -> fx.GraphModule:
@@ -446,27 +447,32 @@ def _strip_scalar(n, inner: set, env: dict | None = None) -> tuple[object, float
     return n, factor
 
 
-def _einsum_qk(n: fx.Node) -> bool:
-    """``einsum("bhqd,bhkd->bhqk", q, k)`` (any letters)."""
+def _einsum_terms(n: fx.Node) -> tuple[str, str, str] | None:
+    """The two 4-D operand terms and the 4-D output term of a two-operand ``einsum`` node."""
     if gu.op_name(n) != "einsum" or not isinstance(n.args[0], str):
-        return False
+        return None
     ins, _, out = n.args[0].replace(" ", "").partition("->")
     parts = ins.split(",")
     if len(parts) != 2 or any(len(x) != 4 for x in (*parts, out)):
+        return None
+    return parts[0], parts[1], out
+
+
+def _einsum_qk(n: fx.Node) -> bool:
+    """``einsum("bhqd,bhkd->bhqk", q, k)`` (any letters)."""
+    t = _einsum_terms(n)
+    if t is None:
         return False
-    a, b = parts
+    a, b, out = t
     return a[:2] == b[:2] == out[:2] and a[3] == b[3] and out == a[:3] + b[2] and a[2] != b[2]
 
 
 def _einsum_pv(n: fx.Node) -> bool:
     """``einsum("bhqk,bhkd->bhqd", p, v)``."""
-    if gu.op_name(n) != "einsum" or not isinstance(n.args[0], str):
+    t = _einsum_terms(n)
+    if t is None:
         return False
-    ins, _, out = n.args[0].replace(" ", "").partition("->")
-    parts = ins.split(",")
-    if len(parts) != 2 or any(len(x) != 4 for x in (*parts, out)):
-        return False
-    a, b = parts
+    a, b, out = t
     return a[:2] == b[:2] == out[:2] and a[3] == b[2] and out == a[:3] + b[3]
 
 
@@ -636,7 +642,15 @@ def _projection(pre: fx.Node, env, problems: list[str], what: str) -> tuple[Proj
             break
     if entry is None:
         stop = next((n for n in chain[1:] if n in traced and traced[n] is None), None)
-        why = f" (the channels are mixed at node {stop.name}, op '{gu.op_name(stop)}')" if stop is not None else ""
+        fresh = next((n for n in chain[1:] if gu.op_name(n) in _FRESH_OPS), None)
+        if fresh is not None:  # e.g. MLA: a latent's up-projection and a shared rope key copied in
+            why = (f" (the head view is assembled into a new tensor at node {fresh.name}, op "
+                   f"'{gu.op_name(fresh)}', from more than this projection: e.g. MLA's latent key plus a "
+                   "shared rope key)")
+        elif stop is not None:
+            why = f" (the channels are mixed at node {stop.name}, op '{gu.op_name(stop)}')"
+        else:
+            why = ""
         problems.append(f"{what}: no [.., heads, head_dim] view after projection {proj.name}{why}")
         return None, proj, chain
     ev = traced[entry]
@@ -662,6 +676,7 @@ def _width_norm(chain: list[fx.Node], width: int) -> str | None:
     return None
 
 
+_FRESH_OPS = {"new_empty", "empty", "new_zeros", "zeros", "full", "new_full", "empty_like", "zeros_like"}
 _WEIGHT_FLIPS = {"t", "numpy_T", "transpose", "permute", "mT"}
 _WEIGHT_CASTS = {"to", "_to_copy", "alias", "detach", "type_as", "contiguous"}
 
@@ -907,6 +922,11 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
                          [f"{where}: {p}" for p in core_probs + problems], nodes,
                          [f"{where}: {p}" for p in core_probs],
                          None if core.sinks is None else _param_name(core.sinks))
+    sq, sk = _shape(core.q)[2], _shape(core.k)[2]
+    if str(sq) != str(sk):  # a cache-free call: one key per token, unless the model adds keys
+        site.positional_problems.append(
+            f"{where}: {sk} keys for {sq} queries in a cache-free call (compressed or memory keys): forms that "
+            "decide visibility by token position (Window, Sparse, Quantize, MHC) need one key per token")
     return site
 
 

@@ -275,3 +275,14 @@ def test_shard_writer_copies_tensors_through_undecoded(tmp_path):
     cut = _Reader(dict.fromkeys(src, tmp_path / "cut.safetensors"))
     with pytest.raises(kvpass.KVPassError, match="truncated"):
         write_shard(tmp_path / "bad.safetensors", {k: cut.raw(k) for k in src})
+
+
+def test_force_never_replaces_the_source(tmp_path, capsys):
+    """OUT equal to, inside or above SRC is refused even with --force (issue 24: it deleted SRC)."""
+    src = _tiny_llama(tmp_path / "p" / "src", layers=1, seed=0)
+    before = _digest(src)
+    for out in (src, src / "out", src.parent, tmp_path):
+        assert main(["rewrite", str(src), str(out), "--policy", "shared_kv:kv_heads=1", "--force"]) == 2
+        err = capsys.readouterr().err
+        assert "the source" in err and "Traceback" not in err
+    assert _digest(src) == before

@@ -241,6 +241,26 @@ class _NoScaleWhere(nn.Module):
         return self.o(torch.matmul(s.softmax(-1), v).transpose(1, 2).reshape(B, S, -1))
 
 
+class _EinsumFolded(nn.Module):
+    """Two older spellings in one: scores by ``einsum("bhqd,bhkd->bhqk")``, values by ``bmm`` on
+    heads folded into the batch ([B·H, S, D], BART-style), keys divided by a constant tensor."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        view = (lambda t: t.view(B, S, self.h, self.d).transpose(1, 2))
+        q, k, v = view(self.q(x)), view(self.k(x)), view(self.v(x))
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k / torch.tensor(float(self.d)).sqrt())
+        s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+        p = s.softmax(-1).reshape(B * self.h, S, S)
+        out = torch.bmm(p, v.reshape(B * self.h, S, self.d)).view(B, self.h, S, self.d)
+        return self.o(out.transpose(1, 2).reshape(B, S, -1))
+
+
 class _TwoKeyProjections(nn.Module):
     """Keys from the sum of two projections: the core is plain, the key path is not one
     projection — forms that change no weights still apply, SharedKV / MHC are refused."""
@@ -258,7 +278,7 @@ class _TwoKeyProjections(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, S, -1))
 
 
-@pytest.mark.parametrize("attn,kv", [(_GroupedFused, 2), (_NoScaleWhere, 4)])
+@pytest.mark.parametrize("attn,kv", [(_GroupedFused, 2), (_NoScaleWhere, 4), (_EinsumFolded, 4)])
 def test_spellings_found_exactly(attn, kv):
     torch.manual_seed(0)
     model = _Block(attn()).eval()
@@ -370,3 +390,17 @@ def test_gpt_oss_sink_logits_exact_and_composable():
         assert (q8(ids).logits - ref).abs().max() < 5e-2
     with pytest.raises(SiteError, match="sink logits"):
         kvpass.optimize(fast, kvpass.MHC(ratio=2, method="svd"))
+
+
+def test_cli_zoo(tmp_path, capsys):
+    from kvpass.cli import main
+
+    out = tmp_path / "zoo.json"
+    assert main(["zoo", "--only", "gpt2", "--jobs", "1", "--json", str(out)]) == 0
+    assert "| gpt2 | causal | EXACT |" in capsys.readouterr().out
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["summary"]["counts"]["EXACT"] == 1 and data["rows"][0]["model_type"] == "gpt2"
+    assert main(["zoo", "--only", "no_such_type"]) == 2
+    assert "unknown model type" in capsys.readouterr().err
