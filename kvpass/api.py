@@ -17,7 +17,7 @@ from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
 from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
 from .passes import PASSES, PassContext, mhc, needs_calibration, needs_stats
-from .policy import Form, Full, Policy
+from .policy import Form, Full, Policy, check_selectors
 from .sites import AttentionSite, find_sites_in
 
 __all__ = ["optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report"]
@@ -210,6 +210,8 @@ def retarget(model: nn.Module, policy) -> nn.Module:
     policy = Policy.of(policy)
     weights = dict(model.named_parameters())
     report = getattr(model, "_kvpass", None)
+    if report is not None:
+        check_selectors(policy, [(s.layer, s.name) for s in report.sites])
     for s in report.sites if report is not None else []:
         forms = policy.forms_for(s.layer, s.name)
         if s.name in report.kept and forms != (Full(),):
@@ -281,7 +283,11 @@ def _count(report: Report, key: str) -> None:
     report.counters[key] = report.counters.get(key, 0) + 1
 
 
-def _choose(sites, policy: Policy, report: Report) -> dict[str, tuple[Form, ...]]:
+def _choose(sites, policy: Policy, report: Report, check: bool = True) -> dict[str, tuple[Form, ...]]:
+    """Forms per site; ``check``: every selector of the policy must match a site (the compile
+    backend sees one dynamo graph at a time, where other layers may live in other graphs)."""
+    if check:
+        check_selectors(policy, [(s.layer, s.name) for s in sites])
     chosen = {}
     cores = {}
     for s in sites:

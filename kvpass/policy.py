@@ -239,7 +239,25 @@ def _range(sel: str) -> tuple[int, int | None] | None:
     lo, sep, hi = sel.partition("-")
     if not sep or not lo.isdigit() or (hi and not hi.isdigit()):
         return None
+    if hi and int(hi) < int(lo):
+        raise PolicyError(f"Policy.layers: range {sel!r} is empty (its end is before its start); "
+                          "ranges are 'a-b' with a <= b, or 'a-'")
     return int(lo), (int(hi) if hi else None)
+
+
+def unmatched_selectors(policy: Policy, layers: list[tuple[int, str]]) -> list:
+    """The selectors of ``policy.layers`` that select none of ``layers`` ((index, module name))."""
+    return [sel for sel in policy.layers if not any(_matches(sel, i, n) for i, n in layers)]
+
+
+def check_selectors(policy: Policy, layers: list[tuple[int, str]]) -> None:
+    """Raise :class:`PolicyError` naming every selector that matches no layer (a typo would
+    otherwise leave those layers silently at the default)."""
+    bad = unmatched_selectors(policy, layers)
+    if bad:
+        names = [n for _, n in layers]
+        raise PolicyError(f"Policy.layers: selector(s) {bad} match no attention layer; this model has layers "
+                          f"0-{len(layers) - 1}" + (f" named like {names[0]!r}" if names else ""))
 
 
 @dataclass(frozen=True)
@@ -261,6 +279,8 @@ class Policy:
             if not _selector_ok(sel):
                 raise PolicyError(f"Policy.layers: invalid selector {sel!r}; allowed: layer index, "
                                   "'a-b', 'a-', or a module-name glob")
+            if isinstance(sel, str):
+                _range(sel)  # an empty range is an error here, not a silent no-match
             layers[sel] = _as_forms(forms, f"Policy.layers[{sel!r}]")
         object.__setattr__(self, "layers", layers)
         _check("Policy", "version", self.version, self.version == POLICY_VERSION, str(POLICY_VERSION))

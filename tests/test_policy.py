@@ -72,3 +72,20 @@ def test_unparseable_file(tmp_path):
     path.write_text("default: [unclosed")
     with pytest.raises(kvpass.PolicyError, match="not valid yaml"):
         Policy.from_file(path)
+
+
+def test_selectors_that_match_no_layer_are_errors():
+    """A typo in a selector would leave its layers at the default, silently (issue 24)."""
+    import families as fam
+
+    model = fam.build("llama")  # 2 layers
+    for sel in ("50", "*.layers.9.self_attn", "0 - 1", 7):
+        with pytest.raises(kvpass.PolicyError, match="match no attention layer"):
+            kvpass.optimize(model, kvpass.Policy(default=kvpass.Full(), layers={sel: kvpass.Window(4)}))
+    fast = kvpass.optimize(model)
+    with pytest.raises(kvpass.PolicyError, match=r"\['9-'\] match no attention layer.*layers 0-1"):
+        kvpass.retarget(fast, kvpass.Policy(default=kvpass.Full(), layers={"9-": kvpass.Window(4)}))
+    with pytest.raises(kvpass.PolicyError, match="is empty"):
+        kvpass.Policy(layers={"1-0": kvpass.Window(4)})
+    ok = kvpass.optimize(model, kvpass.Policy(default=kvpass.Full(), layers={"1-": kvpass.Window(4)}))
+    assert ok._kvpass.counters["window"] == 1
