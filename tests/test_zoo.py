@@ -221,14 +221,18 @@ class _GroupedFused(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, S, -1))
 
 
-class _NoScaleWhere(nn.Module):
-    """An eager core with no scale between the matmuls (queries pre-scaled) and a
-    ``torch.where`` causal mask at the dtype's minimum."""
+class _QKVO(nn.Module):
+    """Separate q/k/v/o projections of ``dim`` features in ``heads`` heads."""
 
     def __init__(self, dim=32, heads=4):
         super().__init__()
         self.h, self.d = heads, dim // heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+
+class _NoScaleWhere(_QKVO):
+    """An eager core with no scale between the matmuls (queries pre-scaled) and a
+    ``torch.where`` causal mask at the dtype's minimum."""
 
     def forward(self, x):
         B, S, _ = x.shape
@@ -241,14 +245,9 @@ class _NoScaleWhere(nn.Module):
         return self.o(torch.matmul(s.softmax(-1), v).transpose(1, 2).reshape(B, S, -1))
 
 
-class _EinsumFolded(nn.Module):
+class _EinsumFolded(_QKVO):
     """Two older spellings in one: scores by ``einsum("bhqd,bhkd->bhqk")``, values by ``bmm`` on
     heads folded into the batch ([B·H, S, D], BART-style), keys divided by a constant tensor."""
-
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.h, self.d = heads, dim // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
         B, S, _ = x.shape
