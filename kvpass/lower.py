@@ -46,11 +46,13 @@ class CoreSpec:
     causal: bool
     softcap: float | None
     mask_kind: str
+    alibi: tuple[float, ...] | None = None  # ALiBi slopes: positional layers add slope · key position
 
     @classmethod
     def of(cls, site: AttentionSite) -> CoreSpec:
         return cls(site.num_heads, site.num_kv_heads, site.head_dim, site.kv_head_map, site.scale,
-                   site.causal, site.softcap, site.nodes.mask_kind if site.nodes else "none")
+                   site.causal, site.softcap, site.nodes.mask_kind if site.nodes else "none",
+                   getattr(site, "alibi", None))
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,12 @@ class KVCore(nn.Module):
                                        softcap=s.softcap, mask=mask, sink_logits=self._sink)
         return codegen.attention(q, k, v, spec, mask=mask)  # kernels on GPU, reference on CPU
 
+    @property
+    def _reference_only(self) -> bool:
+        """Sink logits and ALiBi on positions: terms no generated kernel has yet (the reference
+        runs them)."""
+        return self._sink is not None or (self.plan.positional and self.spec.alibi is not None)
+
     def _select(self, k, v):
         if self.plan.keep is None:
             return k, v
@@ -279,7 +287,7 @@ class KVCore(nn.Module):
             layer = None
         head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
         if decode and layer is not None:
-            out = None if self._sink is not None else self._attend_quant(q, layer, layer.last_positions, limit,
+            out = None if self._reference_only else self._attend_quant(q, layer, layer.last_positions, limit,
                                                                           head_map)
             if out is not None:
                 return out
@@ -297,7 +305,7 @@ class KVCore(nn.Module):
             return lat.absorbed_output(o, head_map, q_pos)
         q = lat.query(q, q_pos)
         if lat.fit is not None and hats is None and not (torch.is_grad_enabled() and q.requires_grad) \
-                and codegen.kernel_mode(q.device) != "reference" and self._sink is None:
+                and codegen.kernel_mode(q.device) != "reference" and not self._reference_only:
             out = self._attend_fused(q, k, q_pos, k_pos, limit, head_map)
             if out is not None:
                 return out
@@ -375,14 +383,14 @@ class KVCore(nn.Module):
             ref = reference.attention if torch.is_grad_enabled() and q.requires_grad else reference.attention_sdpa
             return ref(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal, softcap=s.softcap,
                        q_pos=q_pos, k_pos=k_pos, block_mask=table, k_hat=hats[0], v_hat=hats[1],
-                       quant=plan.quant, sink_logits=self._sink, **args)
+                       quant=plan.quant, sink_logits=self._sink, alibi=s.alibi, **args)
         spec = _kernel_spec(s, head_map, k.shape[1], str(q.dtype).replace("torch.", ""), False,
                             has_block_mask=table is not None, head_dim=q.shape[-1],
                             head_dim_v=v.shape[-1], **args)
-        if spec is None or (torch.is_grad_enabled() and q.requires_grad) or self._sink is not None:
+        if spec is None or (torch.is_grad_enabled() and q.requires_grad) or self._reference_only:
             return reference.attention(q, k, v, kv_head_map=head_map, scale=s.scale, causal=s.causal,
                                        softcap=s.softcap, q_pos=q_pos, k_pos=k_pos, block_mask=table,
-                                       sink_logits=self._sink, **args)
+                                       sink_logits=self._sink, alibi=s.alibi, **args)
         return codegen.attention(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, block_mask=table)
 
     def extra_repr(self) -> str:
@@ -456,6 +464,8 @@ def _prepare_mask(mask, kind: str, k_len: int):
         return None
     if mask.shape[-1] > k_len:
         mask = mask[..., :k_len]
+    elif 1 < mask.shape[-1] < k_len:  # e.g. a bias the graph computed from this call's tokens only
+        raise SiteError(f"the attention mask has {mask.shape[-1]} key columns for {k_len} keys")
     if kind == "bool_drop":
         return ~mask.bool()
     return mask

@@ -94,8 +94,13 @@ def attention(
     v_hat: Tensor | None = None,
     quant=None,
     sink_logits: Tensor | None = None,
+    alibi: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Attention of ``q`` over ``k``/``v`` under a form's visibility rules. -> [B, H, Sq, Dv]
+
+    ``alibi`` ([H] slopes): the score of query head ``h`` for the key at position ``p`` gains
+    ``alibi[h] · p`` (ALiBi, as BLOOM and MPT add it; a per-query constant, which softmax does
+    not see, is left out), so a cache that keeps keys by position recomputes the model's bias.
 
     ``sink_logits`` ([H], gpt-oss style): one more logit per query head joins every row's
     softmax and its probability is dropped (a key that every query sees, with value zero), so
@@ -123,6 +128,9 @@ def attention(
         scores = torch.tanh(scores / softcap) * softcap
     vis = visibility(q_pos, k_pos, causal=causal, window=window, sinks=sinks,
                      block_mask=block_mask, block=block)
+    if alibi is not None:
+        slopes = torch.as_tensor(alibi, dtype=torch.float32, device=scores.device).view(1, -1, 1, 1)
+        scores = scores + slopes * k_pos.to(scores.device, torch.float32)[:, None, None, :]
     if mask is not None:
         if mask.dtype == torch.bool:
             vis = vis & mask
@@ -152,7 +160,7 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     :func:`attention` runs then.
     """
     mask = kw.get("mask")
-    if (kw.get("softcap") is not None or kw.get("sink_logits") is not None
+    if (kw.get("softcap") is not None or kw.get("sink_logits") is not None or kw.get("alibi") is not None
             or (mask is not None and mask.dtype != torch.bool)):
         return attention(q, k, v, **kw)
     k_hat, v_hat, quant = kw.pop("k_hat", None), kw.pop("v_hat", None), kw.pop("quant", None)

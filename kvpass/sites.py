@@ -103,6 +103,7 @@ class AttentionSite:
     core_problems: list[str] = field(default_factory=list)
     sink_logits: str | None = None  # per-head logits that join every softmax row (gpt-oss), if any
     positional_problems: list[str] = field(default_factory=list)  # what refuses position-based forms
+    alibi: tuple[float, ...] | None = None  # per-head slopes of an ALiBi score bias (in the mask), if any
 
     @property
     def ok(self) -> bool:
@@ -141,6 +142,7 @@ class AttentionSite:
                                          ("v", self.v_proj), ("o", self.o_proj))},
             "problems": list(self.problems), "core_problems": list(self.core_problems),
             "sink_logits": self.sink_logits, "positional_problems": list(self.positional_problems),
+            "alibi": None if self.alibi is None else list(self.alibi),
         }
 
     def key_path(self) -> fx.GraphModule:
@@ -225,6 +227,8 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
     problems: list[str] = []
     inner = {sm}
     scale, softcap, mask, mask_kind, sinks = 1.0, None, None, "none", None
+    biases: list[fx.Node] = []  # additive score terms besides the mask: joined into it below
+    zeroed: list[fx.Node] = []  # 0/1 factors on the scores: redundant where the mask hides every 0
     cur = sm.args[0]
     for _ in range(48):
         if not isinstance(cur, fx.Node) or gu.op_name(cur) in MATMUL_OPS or _einsum_qk(cur):
@@ -259,15 +263,18 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
                 pass
             elif op in ("maximum", "max", "minimum", "min"):
                 pass  # clamping masked scores at the dtype's minimum
+            elif op.startswith("mul") and _zero_one(side, env):
+                zeroed.append(side)  # scores * 0/1 (GPT-1's causal buffer): checked against the mask below
             elif op in _SCALAR_SCALES:
                 problems.append(f"scores multiplied by a tensor (node {cur.name}, op '{op}'): a "
                                 "multiplicative mask/bias kvpass cannot reproduce")
             elif op.startswith("add") and (mask is None or _redundant(mask, mask_kind, side, "additive", env)
                                            or _redundant(side, "additive", mask, mask_kind, env)):
                 mask, mask_kind = _one_mask(mask, mask_kind, side, "additive", cur, env, problems)
+            elif op.startswith("add") and env is not None:
+                biases.append(side)  # a score bias besides the mask (ALiBi, relative positions)
             else:
-                problems.append(f"a second score term (node {cur.name}, op '{op}') besides the mask: "
-                                "a position bias kvpass cannot reproduce")
+                problems.append(f"a second score term (node {cur.name}, op '{op}') besides the mask")
             cur = main
         elif op in ("max", "clamp", "clamp_min", "clamp_max", "nan_to_num"):
             cur = tens[0]
@@ -306,8 +313,10 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
         scale *= float(alpha)
         zero = env is not None and isinstance(env.get(bias), torch.Tensor) and not bool(env[bias].any())
         if isinstance(bias, fx.Node) and beta != 0 and not zero:
-            problems.append(f"a score bias added by baddbmm (node {qk.name}): e.g. ALiBi; not a mask "
-                            "kvpass can reproduce")
+            if env is not None and beta == 1.0:
+                biases.append(bias)  # BLOOM's ALiBi
+            else:
+                problems.append(f"a score bias added by baddbmm (node {qk.name}) with beta={beta}")
         k = _untranspose(kt)
     elif gu.op_name(qk) == "einsum":
         q, k = qk.args[1][:2]
@@ -341,6 +350,16 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
         return None, f"softmax {sm.name}: a [batch·heads, seq, dim] core whose 4-D views were not found"
     if len(_shape(q) or ()) != 4:
         return None, f"softmax {sm.name}: queries of shape {list(_shape(q) or [])} (not [B, H, S, D])"
+    if biases:
+        joined = _guarded(problems, f"score bias {biases[0].name}", None, _join_bias, sm, mask, mask_kind,
+                          biases, int(_shape(q)[1]), env)
+        if joined is not None:
+            mask, mask_kind = joined, "additive"
+    for z in zeroed:
+        hidden = mask is not None and _guarded(problems, f"0/1 factor {z.name}", False, _hides, mask, mask_kind, z, env)
+        if not hidden:
+            problems.append(f"scores multiplied by a 0/1 tensor (node {z.name}) that the mask does not "
+                            "hide: a multiplicative mask kvpass cannot reproduce")
     return _Core(out, q, k, v, mask, mask_kind, scale, softcap, False, False, inner, "eager", problems,
                  sinks), None
 
@@ -408,6 +427,64 @@ def _one_mask(mask, kind: str, new, new_kind: str, node: fx.Node, env, problems:
         return new, new_kind
     problems.append(f"a second mask (node {node.name}) that the first does not imply")
     return mask, kind
+
+
+def _zero_one(a, env: dict | None) -> bool:
+    """Whether ``a``'s sample value is a tensor of zeros and ones only."""
+    v = env.get(a) if env is not None and isinstance(a, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.numel() > 0 and bool(((v == 0) | (v == 1)).all())
+
+
+def _hides(mask, kind: str, z: fx.Node, env: dict) -> bool:
+    """Whether ``mask`` hides every score that the 0/1 factor ``z`` zeroes (on the sample):
+    then multiplying the scores by ``z`` changes nothing the softmax sees."""
+    ka, zero = torch.broadcast_tensors(_keep(env[mask], kind), env[z] == 0)
+    return not bool((ka & zero).any())
+
+
+def join_score_terms(mask, kind: str, biases: tuple, heads: int):
+    """The additive [B, H|1, Sq|1, Sk] mask a core reads for ``mask`` (of ``kind``; None at
+    run time when the caller passes none) plus the score ``biases`` added besides it; a bias on
+    heads folded into the batch ([B·H, Sq|1, Sk]) is unfolded.  Discovery puts a call to this
+    before the softmax of a core with a score bias (ALiBi, relative position biases)."""
+    total = None
+    for b in biases:
+        b = b.unflatten(0, (-1, heads)) if b.dim() == 3 else b
+        total = b if total is None else total + b
+    if mask is None:
+        return total
+    if kind == "additive":
+        return mask + total
+    keep = mask.bool() if kind == "bool_keep" else ~mask.bool()
+    return torch.where(keep, total, float("-inf"))
+
+
+def _join_bias(sm: fx.Node, mask, kind: str, biases: list[fx.Node], heads: int, env: dict) -> fx.Node:
+    """A :func:`join_score_terms` node before the softmax (with its sample value), reused if
+    discovery ran on this graph before."""
+    done = sm.meta.get("kvpass_bias")
+    if isinstance(done, fx.Node) and done.graph is sm.graph and done in env:
+        return done
+    for b in biases:
+        if len(_shape(b) or ()) not in (3, 4):
+            raise ValueError(f"a score bias of shape {list(_shape(b) or [])}")
+    args = (mask, kind, tuple(biases), heads)
+    with sm.graph.inserting_before(sm):
+        n = sm.graph.call_function(join_score_terms, args)
+    val = join_score_terms(env.get(mask) if mask is not None else None, kind, tuple(env[b] for b in biases), heads)
+    if val.dim() != 4:
+        sm.graph.erase_node(n)
+        raise ValueError(f"a score bias of shape {list(val.shape)}, not [B, H, Sq, Sk]")
+    fake0 = next((b.meta.get("val") for b in biases if isinstance(b.meta.get("val"), torch.Tensor)), None)
+    fake = getattr(fake0, "fake_mode", None)
+    with fake if fake is not None else contextlib.nullcontext():
+        mv = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+        n.meta["val"] = join_score_terms(mv, kind, tuple(b.meta.get("val") for b in biases), heads)
+    n.meta["nn_module_stack"] = sm.meta.get("nn_module_stack")
+    n.meta["kvpass_synth"] = "score_bias"
+    env[n] = val
+    sm.meta["kvpass_bias"] = n
+    return n
 
 
 def _sink_logits(cat: fx.Node) -> fx.Node | None:
@@ -815,11 +892,7 @@ def _mask_facts(core: _Core, env, problems: list[str]) -> tuple[bool, int | None
         return core.is_causal, None
     m = env[core.mask]
     if core.mask_kind == "additive":
-        big = m.float() < torch.finfo(torch.float16).min
-        if not bool((((m == 0) | big | torch.isinf(m))).all()):
-            problems.append(f"score bias (node {core.mask.name}): values other than 0/-inf added to "
-                            "the scores, e.g. ALiBi; not a mask kvpass can reproduce")
-        keep = ~(big | torch.isinf(m))
+        keep = _keep(m, "additive")
     else:
         keep = m.bool() if core.mask_kind == "bool_keep" else ~m.bool()
     if keep.dim() == 4 and keep.shape[1] > 1 and not bool((keep == keep[:, :1]).all()):
@@ -829,6 +902,44 @@ def _mask_facts(core: _Core, env, problems: list[str]) -> tuple[bool, int | None
     tri = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
     causal = core.is_causal or bool((~keep[~tri]).all()) and Sq > 1
     return causal, None
+
+
+def _score_bias(core: _Core, env, H: int) -> tuple[tuple[float, ...] | None, str | None]:
+    """A score bias in the sample's additive mask (finite values other than 0): ``(slopes,
+    None)`` where it is ALiBi — per head, ``slope_h · key position`` plus a per-query constant
+    (softmax does not see the constant), so forms that store keys by position recompute it
+    exactly — else ``(None, why)``: the bias passes through with the mask (``Full``,
+    ``SharedKV``) but cannot be extended to positions the graph never computed it for."""
+    if core.mask is None or core.mask_kind != "additive":
+        return None, None
+    m = env[core.mask].float()
+    keep = _keep(m, "additive")  # exp(-1000) is 0 in fp32: GPT-1's -1e4 is a mask value
+    if not bool((m[keep] != 0).any()):
+        return None, None  # a plain mask
+    tail = ": forms that decide visibility by token position (Window, Sparse, Quantize, MHC) cannot recompute it"
+    why = f"a score bias (node {core.mask.name}) that is not ALiBi (slope · key position per head)" + tail
+    if any(gu.op_name(n) in PROJ_OPS for n in gu.ancestors(core.mask)):
+        return None, (f"a score bias (node {core.mask.name}) computed from the tokens' content "
+                      "(a projection feeds it)" + tail)
+    if m.dim() != 4 or m.shape[1] not in (1, H):
+        return None, why
+    Sk = m.shape[-1]
+    pos = torch.arange(Sk, dtype=torch.float64).expand(m.shape)
+    w = keep.double()
+    n = w.sum(-1, keepdim=True)
+    rows = n[..., 0] >= 2
+    if not bool(rows.any()):
+        return None, why
+    n = n.clamp(min=1)
+    mc = torch.where(keep, m.double(), 0.0)
+    pc = (pos - (pos * w).sum(-1, keepdim=True) / n) * w
+    bc = (mc - (mc * w).sum(-1, keepdim=True) / n) * w
+    slopes = (pc * bc).sum((0, 2, 3)) / (pc * pc).sum((0, 2, 3)).clamp(min=1e-12)  # per head
+    resid = (bc - slopes.view(1, -1, 1, 1) * pc).abs().amax()
+    if not bool(resid <= 1e-3 * max(1.0, float(m[keep].abs().amax()))):
+        return None, why
+    slopes = slopes.expand(H) if slopes.numel() == 1 else slopes
+    return tuple(float(x) for x in slopes), None
 
 
 def _probe_window(cap: Captured, core_mask: fx.Node, kind: str, length: int = 1536,
@@ -897,6 +1008,7 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
     if int(_shape(v_pre)[1]) != Hkv:
         core_probs.append("keys and values have different head counts")
     causal, window = _guarded(core_probs, "mask", (core.is_causal, None), _mask_facts, core, env, core_probs)
+    alibi, bias_why = _guarded(core_probs, "score bias", (None, None), _score_bias, core, env, H)
     if probe and core.mask is not None:
         window = _guarded(core_probs, "mask window", None, _probe_window, cap, core.mask, core.mask_kind)
     # the projection side: what forms that change weights need (SharedKV, MHC)
@@ -921,7 +1033,9 @@ def _site(cap: Captured, core: _Core, layer: int, probe: bool) -> AttentionSite:
                          causal, window, float(scale), core.softcap, core.kind,
                          [f"{where}: {p}" for p in core_probs + problems], nodes,
                          [f"{where}: {p}" for p in core_probs],
-                         None if core.sinks is None else _param_name(core.sinks))
+                         None if core.sinks is None else _param_name(core.sinks), alibi=alibi)
+    if bias_why:
+        site.positional_problems.append(f"{where}: {bias_why}")
     sq, sk = _shape(core.q)[2], _shape(core.k)[2]
     if str(sq) != str(sk):  # a cache-free call: one key per token, unless the model adds keys
         site.positional_problems.append(

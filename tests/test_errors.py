@@ -12,7 +12,8 @@ import kvpass
 
 
 class AlibiAttention(nn.Module):
-    """Adds a per-head linear position bias to the scores (ALiBi): not a mask."""
+    """Adds a symmetric per-head distance bias to the scores (-slope·|i-j|, bidirectional):
+    a bias by position that is not linear in the key position."""
 
     def __init__(self, dim=32, heads=4):
         super().__init__()
@@ -61,26 +62,37 @@ class Net(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("attn,what", [(AlibiAttention, "score bias"), (OddKeyAttention, "'sin'")])
-def test_unsupported_site_names_module_and_mismatch(attn, what):
+def test_unsupported_site_names_module_and_mismatch():
     torch.manual_seed(0)
-    model = Net(attn).eval()
+    model = Net(OddKeyAttention).eval()
     sites = kvpass.find_sites(model)
     assert len(sites) == 2
     assert sites[1].problems and sites[1].problems[0].startswith("layers.1")
-    assert any(what in p for p in sites[1].problems)
-    with pytest.raises(kvpass.SiteError, match=r"layers\.0.*" + what.replace("'", ".")):
+    assert any("'sin'" in p for p in sites[1].problems)
+    with pytest.raises(kvpass.SiteError, match=r"layers\.0.*.sin."):
         kvpass.optimize(model, kvpass.SharedKV(kv_heads=1))
     kept = kvpass.optimize(model, kvpass.Full())
     ids = torch.randint(0, 50, (2, 7))
     assert (kept(ids) - model(ids)).abs().max() < 1e-5
-    if what == "score bias":  # the core itself is not understood: left as the model has it
-        assert set(kept._kvpass.kept) == {"layers.0", "layers.1"}
-        assert not sites[1].core_ok
-    else:  # only the key path is: the core is kvpass's, forms that change no weights apply
-        assert not kept._kvpass.kept and sites[1].core_ok
-        win = kvpass.optimize(kept, kvpass.Window(4, sinks=1))
-        assert win._kvpass.counters["window"] == 2
+    # only the key path is not understood: the core is kvpass's, forms that change no weights apply
+    assert not kept._kvpass.kept and sites[1].core_ok
+    win = kvpass.optimize(kept, kvpass.Window(4, sinks=1))
+    assert win._kvpass.counters["window"] == 2
+
+
+def test_score_bias_not_alibi_passes_through_and_refuses_positional_forms():
+    """A bias by position that kvpass cannot recompute at other positions joins the mask: Full
+    and SharedKV apply (exact / merged); Window is refused naming the layer and the bias."""
+    torch.manual_seed(0)
+    model = Net(AlibiAttention).eval()
+    sites = kvpass.find_sites(model)
+    assert len(sites) == 2 and all(s.ok and s.alibi is None for s in sites)
+    assert sites[1].positional_problems[0].startswith("layers.1") and "not ALiBi" in sites[1].positional_problems[0]
+    ids = torch.randint(0, 50, (2, 7))
+    assert (kvpass.optimize(model)(ids) - model(ids)).abs().max() < 1e-5
+    assert kvpass.optimize(model, kvpass.SharedKV(kv_heads=1))._kvpass.counters["shared_kv"] == 2
+    with pytest.raises(kvpass.SiteError, match=r"layers\.0.*not ALiBi"):
+        kvpass.optimize(model, kvpass.Window(4))
 
 
 def test_no_attention_at_all():

@@ -348,13 +348,55 @@ def test_eager_hf_models_do_not_crash():
     assert all(s.core == "eager" for s in fast._kvpass.sites)
 
 
-def test_alibi_is_a_named_core_problem():
-    model = zoo.build("bloom")
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_slopes_found_and_recomputed_by_position(family):
+    """ALiBi (BLOOM's baddbmm on folded heads, MPT's added position bias) joins the mask; its
+    per-head slopes are fitted from the sample, so positional forms recompute it exactly."""
+    model = zoo.build(family)
     found = kvpass.find_sites(model)
-    assert len(found) == 2 and all(not s.core_ok for s in found)
-    assert "ALiBi" in found[0].core_problems[0]
-    with pytest.raises(KVPassError, match="ALiBi"):
-        kvpass.optimize(model, kvpass.Window(4))
+    assert len(found) == 2 and all(s.core_ok and s.alibi is not None for s in found)
+    H = found[0].num_heads
+    want = [2 ** (-8 * (h + 1) / H) for h in range(H)]  # both models' slopes for a power-of-two H
+    assert torch.allclose(torch.tensor(found[0].alibi).abs(), torch.tensor(want), atol=1e-5)
+    ids = _ids(12)
+    with torch.no_grad():
+        ref = model(ids).logits
+        for form in (kvpass.Full(), kvpass.Window(64)):  # a window over all 12 tokens: the bias by position
+            fast = kvpass.optimize(model, form)
+            assert (fast(ids).logits - ref).abs().max() < 1e-4, form
+            assert torch.equal(fast.generate(ids, max_new_tokens=5, do_sample=False),
+                               model.generate(ids, max_new_tokens=5, do_sample=False)), form
+        short = kvpass.optimize(model, kvpass.Window(4))
+        assert (short(ids).logits - ref).abs().max() > 1e-3  # the window does cut keys
+
+
+def test_biases_that_are_not_alibi_pass_through_and_refuse_positions():
+    """A relative position bias (MPNet) and a content-dependent one (Doge) pass through with the
+    mask (Full exact, SharedKV applies); positional forms are refused, naming the bias."""
+    enc = zoo.build("mpnet", "encoder")
+    s = kvpass.find_sites(enc)[0]
+    assert s.core_ok and s.alibi is None and "not ALiBi" in s.positional_problems[0]
+    ids = _ids(10)
+    with torch.no_grad():
+        assert (kvpass.optimize(enc)(ids)[0] - enc(ids)[0]).abs().max() < 1e-5
+    with pytest.raises(KVPassError, match="not ALiBi"):
+        kvpass.optimize(enc, kvpass.Sparse(block=4, local=1))
+    doge = zoo.build("doge")
+    with pytest.raises(KVPassError, match="content"):
+        kvpass.optimize(doge, kvpass.Window(4))
+    assert kvpass.kv_bytes_per_token(kvpass.optimize(doge, kvpass.SharedKV(kv_heads=1))) < \
+        kvpass.kv_bytes_per_token(doge)
+
+
+def test_zero_one_score_factor_hidden_by_the_mask():
+    """GPT-1 multiplies the scores by its causal 0/1 buffer before adding -1e4 where it is 0:
+    the factor changes nothing the softmax sees, the core is causal and every form applies."""
+    model = zoo.build("openai-gpt")
+    s = kvpass.find_sites(model)[0]
+    assert s.ok and s.causal
+    ids = _ids(12)
+    with torch.no_grad():
+        assert (kvpass.optimize(model)(ids).logits - model(ids).logits).abs().max() < 1e-5
 
 
 # ------------------------------------------------------------------- sink logits (gpt-oss)
