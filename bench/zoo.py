@@ -37,8 +37,11 @@ def readme_section(data: dict) -> str:
     pct = (lambda x: "n/a" if x is None else f"{100 * x:.1f}%")
     lines += ["",
               f"- EXACT: **{pct(s['exact_share'])}** of the {s['buildable']} buildable families with attention "
-              "(every core the forward runs found, no problem on any site, `Full()` within 1e-4 of the original on "
-              "real tokens).",
+              "(every core the forward runs found and understood, `Full()` within 1e-4 of the original on "
+              "real tokens, every form applied or refused with a clear `KVPassError`).",
+              f"- Strict: **{pct(s['weights_traced_share'])}** are EXACT with every projection traced back to its "
+              "weights as well (the others refuse `SharedKV`/`MHC`, naming the module and the op that did not "
+              "match: mostly MLA, whose keys are assembled from a latent and a shared rope key).",
               f"- `Window` applied on **{pct(s['window_applied_share'])}** and `Quantize` on "
               f"**{pct(s['quantize_applied_share'])}** of the causal families where a core was found (the rest refused "
               "with the site's named problem).",

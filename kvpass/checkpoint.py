@@ -161,7 +161,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
     _layers(model)
     if path.exists() and not force:
         raise CheckpointError(f"{path} exists; pass force=True (CLI: --force) to replace it")
-    with staged(path) as tmp:
+    with staged(path, force=force) as tmp:
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]  # as transformers' save_pretrained does
         config["kvpass"] = kvpass_section(model, source)
@@ -173,23 +173,33 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
 
 
 @contextlib.contextmanager
-def staged(path: Path):
+def staged(path: Path, force: bool = False):
     """Write a folder atomically: yields a fresh temporary folder beside ``path`` (same
-    filesystem), renamed to ``path`` when the block ends normally, removed otherwise."""
+    filesystem), renamed to ``path`` when the block ends normally, removed otherwise.
+
+    Holds :func:`out_lock` on ``path`` meanwhile; a ``path`` that exists when the block ends
+    (another process published it) is replaced only with ``force``, else a
+    :class:`CheckpointError` and this run's folder is removed: ``path`` is always one complete
+    result."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-", dir=path.parent))
-    try:
-        yield tmp
-        publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with out_lock(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-{os.getpid()}-", dir=path.parent))
+        try:
+            yield tmp
+            publish(tmp, path, force=force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
-def publish(tmp: Path, path: Path) -> None:
-    """Rename the complete folder ``tmp`` to ``path``; an existing ``path`` (force) is moved
-    aside first and removed only after the new one is in place."""
-    if path.exists():
+def publish(tmp: Path, path: Path, force: bool = True) -> None:
+    """Rename the complete folder ``tmp`` to ``path``; an existing ``path`` is replaced only
+    with ``force`` (moved aside first, removed only after the new one is in place)."""
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise CheckpointError(f"{path} appeared while this run was writing it (another process?); "
+                                  "not replacing it: pass --force to replace it")
         old = path.with_name(f".{path.name}.kvpass-old")
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
@@ -197,6 +207,84 @@ def publish(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(path)
+
+
+_HELD: set[Path] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def out_lock(path: Path):
+    """An exclusive lock on output ``path``: the file ``.NAME.kvpass-lock`` beside it, holding
+    this process's pid (created with ``O_EXCL``).  A live owner makes this a
+    :class:`CheckpointError` naming its pid; a dead owner's lock is taken over.  While held,
+    the temporary folders (``.NAME.kvpass-tmp-PID-*``) of dead processes and a leftover
+    ``.NAME.kvpass-old`` are removed; live processes' folders are untouched.  Re-entrant
+    within a process."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.kvpass-lock")
+    if lock in _HELD:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _lock_owner(lock)
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                raise CheckpointError(f"{path}: another kvpass process (pid {pid}) is writing it (lock file {lock})"
+                                      ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # its owner is gone: stale
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    else:
+        raise CheckpointError(f"{path}: could not take the lock {lock}")
+    _HELD.add(lock)
+    try:
+        _clean_stale(path)
+        yield
+    finally:
+        _HELD.discard(lock)
+        if _lock_owner(lock) == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove temporaries that dead processes left beside ``path`` (called under its lock)."""
+    mark = f".{path.name}.kvpass-tmp-"
+    for p in path.parent.glob(f"{glob_escape(mark)}*"):
+        pid = p.name[len(mark):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(path.with_name(f".{path.name}.kvpass-old"), ignore_errors=True)
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob's special characters escaped."""
+    import glob
+
+    return glob.escape(text)
 
 
 def _load_weights(model: nn.Module, shards: list[Path]) -> None:

@@ -9,7 +9,10 @@
     kvpass eval smollm2-135m --policy window:size=512,sinks=4 --policy quantize:bits=4 --plot eval.png
     kvpass zoo --only llama gpt2 bert     # every transformers architecture, built tiny (all: no --only)
 
-Exit codes: 0 success, 2 bad input (one clear line on stderr, no traceback).
+Exit codes: 0 success; 2 bad input — a kvpass error, or a file that is missing, unreadable,
+corrupt or cannot be written (permissions, disk full): one line on stderr naming the file and
+what is wrong, no traceback; 1 a bug in kvpass (its traceback, and a request to report it);
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM).  Interrupted rewrites leave no OUT behind.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ MODEL is a bundled name (smollm2-135m, gemma3-270m, minilm-l6), a Hugging Face m
 folder (config.json + safetensors), or a .gguf file (converted once into a cached HF folder
 under $KVPASS_CACHE, default ~/.cache/kvpass).  Nothing is downloaded.
 """
+
+
+def _form_keys() -> str:
+    """The form kinds and their keys (from the form classes themselves), for --help."""
+    import dataclasses
+
+    from .policy import FORMS
+
+    rows = [f"  {kind:<10} " + (", ".join(f.name for f in dataclasses.fields(cls)) or "(no keys)")
+            for kind, cls in FORMS.items()]
+    return "Forms and their keys (meanings and defaults: help(kvpass.Window) etc., or the README):\n" + "\n".join(rows)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                     "written to a temporary folder and renamed at the end; an existing OUT is refused "
                     "unless --force. Exit code 2 with one line on bad input.",
         epilog=EPILOG + "\nPOLICY: a .json/.yaml policy file, inline JSON, or forms like "
-               "'mhc:ratio=4,method=whitened' joined by '+' (e.g. 'shared_kv:kv_heads=1+window:size=512,sinks=4').\n",
+               "'mhc:ratio=4,method=whitened' joined by '+' (e.g. 'shared_kv:kv_heads=1+window:size=512,sinks=4').\n"
+               + _form_keys() + "\nOUT is locked while it is written (.OUT.kvpass-lock beside it): a second "
+               "rewrite to the same OUT exits 2 naming the first; temporaries of killed runs are removed by "
+               "the next run.\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     rw.add_argument("src", metavar="SRC", help="bundled name, HF folder (safetensors) or .gguf")
     rw.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
@@ -292,12 +309,15 @@ def cmd_inspect(args) -> int:
     import torch
 
     from . import models
+    from .rewrite import check_safetensors
     from .sites import find_sites
 
     t0 = time.time()
     print(f"loading {args.model} ...", file=sys.stderr)
+    for f in sorted(models.resolve(args.model).glob("*.safetensors")):
+        check_safetensors(f)  # a truncated or corrupt file: one line naming it
     model, _tok = models.load(args.model)
-    print(f"tracing ({time.time() - t0:.1f}s) ...", file=sys.stderr)
+    print(f"loaded in {time.time() - t0:.1f} s; tracing ...", file=sys.stderr)
     sites = find_sites(model)
     size = next(model.parameters()).element_size()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -328,18 +348,55 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _io_message(e: BaseException) -> str | None:
+    """One line for a foreseeable I/O or format error (naming its file), else None (a bug)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        SafetensorError = ()  # noqa: N806
+    if isinstance(e, OSError):
+        name = e.filename if e.filename is not None else ""
+        what = e.strerror or str(e) or type(e).__name__
+        return f"{name}: {what}" if name else what
+    if isinstance(e, SafetensorError):
+        return f"a safetensors file is corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+        return f"a file is not what it should be: {type(e).__name__}: {e}"
+    return None
+
+
+def _terminated(signum, frame):
+    raise SystemExit(143)  # unwinds like Ctrl-C: temporary folders are removed
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except KVPassError as e:
-        print(f"kvpass: error: {e}", file=sys.stderr)
+        print(f"kvpass: error: {str(e).strip()}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `kvpass kernels --dump | head`
         sys.stderr.close()
         return 0
+    except Exception as e:  # noqa: BLE001 - foreseeable I/O errors in one line; a bug with its traceback
+        msg = _io_message(e)
+        if msg is not None:
+            print(f"kvpass: error: {msg}".replace("\n", " "), file=sys.stderr)
+            return 2
+        import traceback
+
+        traceback.print_exc()
+        print("kvpass: internal error (a bug in kvpass, not in your input): please report it with the "
+              "traceback above and the command you ran", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,3 +20,7 @@ class SiteError(KVPassError):
 
 class PolicyError(KVPassError, ValueError):
     """A policy, form or policy file is invalid: names the field, the value and what is allowed."""
+
+
+class InputError(KVPassError, ValueError):
+    """An input that is not there or not what it claims to be (a text file, a path)."""

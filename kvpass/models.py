@@ -73,10 +73,11 @@ def cache_dir() -> Path:
     """Root of kvpass's on-disk cache: ``$KVPASS_CACHE`` or ``~/.cache/kvpass``.
 
     >>> import os
+    >>> saved = os.environ.get("KVPASS_CACHE")
     >>> os.environ["KVPASS_CACHE"] = "/tmp/kvpass-cache"
     >>> str(cache_dir())
     '/tmp/kvpass-cache'
-    >>> del os.environ["KVPASS_CACHE"]
+    >>> _ = os.environ.pop("KVPASS_CACHE") if saved is None else os.environ.update(KVPASS_CACHE=saved)
     """
     return Path(os.environ.get("KVPASS_CACHE", "~/.cache/kvpass")).expanduser()
 
@@ -218,8 +219,49 @@ def _publish(staged: Path, target: Path) -> None:
             raise
 
 
+def check_gguf(path: Path) -> dict:
+    """Read ``path``'s GGUF header, metadata and tensor table (no weights) and check that it
+    describes a whole model before anything is built: an architecture, a tokenizer, tensors,
+    and as many ``blk.N`` layers as ``{arch}.block_count`` says (a vocabulary-only file, or
+    one with bare metadata, would make transformers build a default-sized model at random).
+    -> ``{"architecture", "layers", "tensors"}``; anything else is a :class:`ModelLoadError`."""
+    import re
+
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path), "r")
+        fields = reader.fields
+        names = [t.name for t in reader.tensors]
+    except Exception as err:  # noqa: BLE001 - gguf raises ValueError, KeyError, struct.error, ... on a bad file
+        raise ModelLoadError(f"could not read GGUF {path}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'corrupt file'}") from err
+
+    def text(key):
+        f = fields.get(key)
+        try:
+            return None if f is None else f.contents()
+        except Exception:  # noqa: BLE001
+            return None
+
+    arch = text("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ModelLoadError(f"{path} has no `general.architecture` in its metadata: not a model file")
+    if text("tokenizer.ggml.model") is None:
+        raise ModelLoadError(f"{path}: no tokenizer in its metadata (tokenizer.ggml.model)")
+    if not names:
+        raise ModelLoadError(f"{path}: holds no tensors (a vocabulary-only GGUF?): not a model")
+    blocks = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+    count = text(f"{arch}.block_count")
+    if not isinstance(count, int) or count < 1 or blocks != set(range(count)):
+        raise ModelLoadError(f"{path}: metadata says {arch}.block_count={count!r}, the tensors hold layers "
+                             f"{sorted(blocks)[:8]}{'...' if len(blocks) > 8 else ''}")
+    return {"architecture": arch, "layers": count, "tensors": len(names)}
+
+
 def _convert_gguf(gguf: Path, out: Path, label: str) -> None:
     """Dequantize ``gguf`` to fp32 and save it as a plain HF folder ``out``."""
+    check_gguf(gguf)
     start = time.perf_counter()
     steps = tqdm(total=3, desc=f"kvpass: converting {label} (one time)", file=sys.stderr)
     with steps:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import _is_file
-from .checkpoint import BackgroundHash, CheckpointError, kvpass_section, save_pretrained, staged
+from .checkpoint import BackgroundHash, CheckpointError, kvpass_section, out_lock, save_pretrained, staged
 from .errors import KVPassError, PolicyError
 from .lower import KVAttention
 from .policy import FORMS, Form, Policy
@@ -58,11 +58,14 @@ def parse_policy(text: str) -> Policy:
     if _is_file(text) and Path(text).suffix in (".json", ".yaml", ".yml"):
         return Policy.from_file(Path(text))
     stripped = text.strip()
+    if Path(stripped).suffix in (".json", ".yaml", ".yml") and not stripped.startswith("{"):
+        raise PolicyError(f"--policy: policy file {stripped} not found")
     if stripped.startswith("{"):
         try:
-            return Policy.from_dict(json.loads(stripped))
+            data = json.loads(stripped)
         except ValueError as e:
             raise PolicyError(f"--policy: not valid JSON: {e}") from e
+        return Policy.from_dict(data)
     forms = []
     for part in stripped.split("+"):
         kind, _, args = part.partition(":")
@@ -107,11 +110,34 @@ def _check_source(src: str, allow_pickle: bool) -> Path:
                               "unpickle them. Pass --allow-pickle to load them with weights_only=True")
     if not safe and not pickled:
         raise CheckpointError(f"{folder}: no weight files (*.safetensors)")
+    _check_index(folder)
     shapes = {}
     for f in safe:  # a truncated or corrupt file fails here with its name, before any work
-        shapes.update(_check_safetensors(f))
+        shapes.update(check_safetensors(f))
     _check_shapes(folder, shapes)
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); kvpass "
+                              "copies the tokenizer into OUT (so that it loads on its own) and calibrates with it")
     return folder
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "tiktoken.model")
+
+
+def _check_index(folder: Path) -> None:
+    """A sharded checkpoint's index must parse and every shard it names must exist."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a weight_map): "
+                                  f"{type(e).__name__}: {e}") from e
+        missing = [f for f in shards if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard {missing[0]}, which is not in {folder}"
+                                  + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""))
 
 
 def _check_shapes(folder: Path, shapes: dict[str, list[int]]) -> None:
@@ -129,17 +155,39 @@ def _check_shapes(folder: Path, shapes: dict[str, list[int]]) -> None:
     except Exception as e:  # noqa: BLE001 -- one clear line for any config problem
         raise CheckpointError(f"{folder}/config.json: cannot build the model it describes: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    want = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
+    sd = skeleton.state_dict(keep_vars=True)
+    want = {k: list(v.shape) for k, v in sd.items()}
+    prefix = getattr(skeleton, "base_model_prefix", "") or "model"
+    variants = (lambda k: (k, k.removeprefix(prefix + "."), f"{prefix}.{k}"))
+    unexpected = []
     for name, shape in shapes.items():
-        for key in (name, name.removeprefix("model."), "model." + name):
-            if key in want:
-                if want[key] != list(shape):
-                    raise CheckpointError(f"{folder}: {name} has shape {list(shape)} in the weights, "
-                                          f"config.json implies {want[key]}")
-                break
+        key = next((k for k in variants(name) if k in want), None)
+        if key is None:
+            unexpected.append(name)
+        elif want[key] != list(shape):
+            raise CheckpointError(f"{folder}: {name} has shape {list(shape)} in the weights, "
+                                  f"config.json implies {want[key]}")
+    if not shapes:
+        return
+    if unexpected:  # e.g. a config with fewer layers than the weights: they would be dropped
+        raise CheckpointError(f"{folder}: the weights hold {len(unexpected)} tensor(s) the model in config.json "
+                              f"has no place for (first: {unexpected[0]}); config.json and the weights disagree")
+    present = {k for n in shapes for k in variants(n)}
+    by_param: dict[int, list[str]] = {}  # tied weights: one name of each parameter is enough
+    for k, v in sd.items():
+        if isinstance(v, torch.nn.Parameter):
+            by_param.setdefault(id(v), []).append(k)
+    missing = [names[0] for names in by_param.values() if not any(n in present for n in names)]
+    if missing:  # e.g. a config with more layers than the weights: transformers would init them randomly
+        raise CheckpointError(f"{folder}: config.json implies {len(missing)} parameter(s) the weights do not hold "
+                              f"(first: {missing[0]}); they would be initialised at random")
 
 
-def _check_safetensors(path: Path) -> dict[str, list[int]]:
+def check_safetensors(path: Path) -> dict[str, list[int]]:
+    """``{tensor name: shape}`` of safetensors file ``path``, from its header alone, after
+    checking what safetensors would fail on later: the header parses, every tensor's byte range
+    is its dtype × shape, the ranges tile the data without gaps or overlaps and the file holds
+    exactly that many bytes.  Anything else is a :class:`CheckpointError` naming the file."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -152,11 +200,41 @@ def _check_safetensors(path: Path) -> dict[str, list[int]]:
             header = json.loads(fh.read(n))
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    spans = []
+    for k, v in tensors.items():
+        try:
+            a, b = (int(x) for x in v["data_offsets"])
+            shape = [int(d) for d in v["shape"]]
+            item = _ITEMSIZE[v["dtype"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {k!r} "
+                                  f"({type(e).__name__}: {e})") from e
+        count = 1
+        for d in shape:
+            count *= d
+        if min(shape, default=0) < 0 or b - a != count * item or a < 0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {k} ({v['dtype']} {shape}) has byte range "
+                                  f"[{a}, {b}), which is not its size")
+        spans.append((a, b, k))
+    end = 0
+    for a, b, k in sorted(spans):
+        if a != end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {k} starts at byte {a}, not {end} "
+                                  "(tensors overlap or leave a gap)")
+        end = b
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated ({size} bytes, the header describes {8 + n + end})")
+    if 8 + n + end < size:
+        raise CheckpointError(f"{path}: {size - 8 - n - end} bytes after the last tensor the header describes "
+                              "(corrupt header or appended data)")
     return {k: v["shape"] for k, v in tensors.items()}
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 def native_shared_kv(model) -> tuple[dict, dict] | None:
@@ -238,16 +316,26 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
     """Rewrite checkpoint ``src`` into ``out`` (see module docstring). -> a summary dict.
 
     ``stream``: layer by layer from the shards where the policy allows it
-    (:mod:`kvpass.stream`); otherwise, or with ``stream=False``, the whole model in memory."""
-    from . import models
-    from .api import kv_bytes_per_token, optimize
-
+    (:mod:`kvpass.stream`); otherwise, or with ``stream=False``, the whole model in memory.
+    ``out`` is locked meanwhile (:func:`kvpass.checkpoint.out_lock`)."""
     out = Path(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out} exists; pass --force to replace it")
-    t0 = time.perf_counter()
     folder = _check_source(src, allow_pickle)
     _refuse_overlap(out, [Path(src), Path(folder)])
+    with out_lock(out):  # a second rewrite to the same OUT meanwhile fails at once, naming this one
+        if out.exists() and not force:
+            raise CheckpointError(f"{out} exists; pass --force to replace it")
+        return _rewrite(folder, src, out, policy, calibration=calibration, dtype=dtype, force=force,
+                        heal=heal, native=native, progress=progress, stream=stream)
+
+
+def _rewrite(folder: Path, src, out: Path, policy: Policy, *, calibration, dtype: str, force: bool, heal: int,
+             native: bool, progress: bool, stream: bool) -> dict:
+    from . import models
+    from .api import kv_bytes_per_token, optimize
+
+    t0 = time.perf_counter()
     safe, pickled = _source_files(folder)
     digest = BackgroundHash(safe or pickled)
     source = {"path": str(src), "sha256": digest}  # filled in before anything is written
@@ -262,7 +350,7 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             summary = stream_rewrite(folder, out, policy, sp, dtype=torch_dtype, native=native, source=source,
                                      tokenizer=tok, calibration=calibration,
-                                     progress=progress)
+                                     progress=progress, force=force)
             return {"source": str(folder), "out": str(out), "seconds": time.perf_counter() - t0, **summary}
         streamed_reason = sp.reason
     else:
@@ -295,7 +383,7 @@ def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None
     from safetensors.torch import save_file
 
     state, changes = parts
-    with staged(out) as tmp:
+    with staged(out, force=force) as tmp:
         config = fast.config.to_dict()
         config["architectures"] = [type(fast).__name__]
         config.update(changes)

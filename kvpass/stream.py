@@ -211,6 +211,16 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+def failpoint(name: str) -> None:
+    """Fault injection for the kill tests: with ``KVPASS_FAILPOINT=name`` in the environment
+    this process SIGKILLs itself here (``after_twin``, ``mid_layer``, ``mid_copy``): no cleanup
+    runs, exactly as under ``kill -9``.  A no-op otherwise."""
+    if os.environ.get("KVPASS_FAILPOINT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_shard(path: Path, entries: dict[str, torch.Tensor | _Raw]) -> None:
     """Write a safetensors file from tensors and undecoded byte ranges of other safetensors files.
 
@@ -241,6 +251,7 @@ def write_shard(path: Path, entries: dict[str, torch.Tensor | _Raw]) -> None:
                     out.write(memoryview(e.view(torch.uint8).numpy()))
                 continue
             out.flush()
+            failpoint("mid_copy")  # a copied byte range half written
             with open(e.path, "rb") as src:
                 left, pos = e.size, e.offset
                 while left:
@@ -331,8 +342,10 @@ def _working_copy(base: nn.Module, own: list[torch.Tensor]) -> nn.Module:
 
 
 def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, dtype: torch.dtype,
-                   native: bool, source: dict, tokenizer, calibration=None, progress: bool = True) -> dict:
-    """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes)."""
+                   native: bool, source: dict, tokenizer, calibration=None, progress: bool = True,
+                   force: bool = False) -> dict:
+    """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes); an ``out``
+    that exists when the rewrite is done is replaced only with ``force``."""
     import transformers as tf
 
     from .api import kv_bytes_per_token, optimize
@@ -353,12 +366,13 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
                               "merge or refit): pass --calibration TEXT_OR_FILE")
         ids = calibration_ids(calibration, tokenizer)
         vocab, ids = torch.unique(ids, return_inverse=True)  # the twin's vocabulary: these tokens
-    with staged(out) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
+    with staged(out, force=force) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
         if sp.calibrate:
             twin = _twin(auto, twin_config(sp.config, len(vocab), mlp=False), reader, vocab)
         else:
             twin = _twin(auto, sp.twin_config, reader)
         base = optimize(twin, inplace=True)
+        failpoint("after_twin")
         sites = [s for s in base._kvpass.sites if s.name]
         if len(sites) != 1:
             raise KVPassError(f"streaming rewrite: the one-layer twin has {len(sites)} attention sites")
@@ -425,6 +439,8 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         after = 0
         native_kv = None  # stored heads of a native fewer-KV-heads output (None: not native)
         for i in tqdm(range(n), desc="kvpass: rewriting layers (streaming)", disable=not progress):
+            if i == n // 2:
+                failpoint("mid_layer")  # some layers' shards written, the rest not
             real = real_name(i)
             with torch.no_grad():
                 for k in load_keys:

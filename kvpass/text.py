@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .errors import InputError
+
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 ALIASES = {"eval": "emma", "calibration": "persuasion"}
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -62,8 +64,11 @@ def load_text(name_or_path: str | os.PathLike = "eval") -> str:
         return bundled.read_text(encoding="utf-8")
     path = Path(key).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
-    raise ValueError(f"unknown text {key!r}; bundled: {', '.join(bundled_texts())} (or a file path)")
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: cannot read it as UTF-8 text ({type(e).__name__}: {e})") from e
+    raise InputError(f"unknown text {key!r}; bundled: {', '.join(bundled_texts())} (or a file path)")
 
 
 def token_chunks(

@@ -19,8 +19,10 @@ For each family :func:`check_family` measures:
   with a :class:`~kvpass.KVPassError` (its message kept), a silent **no-op** (returned, but
   nothing changed: a bug), or a **crash** (any other exception: a bug).
 
-Classes: ``EXACT`` (every core found, none with problems, identity within tolerance, no form
-crashed or silently did nothing), ``PARTIAL`` (found, with the first problem named),
+Classes: ``EXACT`` (every core found and understood, identity within tolerance, every form
+applied or refused with a clear error — none crashed or silently did nothing; a row whose
+projections are not all traced, so that ``SharedKV``/``MHC`` refuse, says so in ``weights``),
+``PARTIAL`` (found, with the first problem named),
 ``NOT_FOUND`` (cores run but kvpass found none), ``CRASH`` (a non-kvpass exception from kvpass,
 or a no-op), ``UNBUILDABLE`` (the tiny model cannot be built or run by transformers itself),
 ``NO_ATTENTION`` (the architecture runs no softmax attention: Mamba, RWKV, ...), ``SKIPPED``
@@ -363,6 +365,7 @@ def check_family(model_type: str, kind: str = "causal") -> dict:
     sites = fast._kvpass.sites
     row["sites"] = len(sites)
     row["site_problems"] = [p for s in sites for p in s.problems]
+    row["core_problems"] = [p for s in sites for p in s.core_problems]
     row["kept"] = sorted(set(fast._kvpass.kept.values()))
     try:
         with torch.no_grad():
@@ -405,23 +408,33 @@ def _sparse_size(m) -> int:
 
 
 def _classify(row: dict) -> dict:
+    """The class of a measured row (the issue's definition): ``EXACT`` when every core the
+    forward ran is a site whose core kvpass understands, ``Full()`` is the identity within
+    :data:`IDENTITY_TOL` and every form was applied or refused with a clear
+    :class:`~kvpass.KVPassError`.  Projection problems (a key path kvpass cannot trace back
+    to one weight, e.g. MLA's latent) do not make a row PARTIAL: core forms still apply and the
+    weight-changing forms refuse, naming the module — but the row's ``weights`` says so, and
+    :func:`summary` counts the families whose every projection is traced apart
+    (``weights_traced_share``)."""
     forms = row.get("forms", {})
+    weights = {"weights": (row["site_problems"][0][:300] if row.get("site_problems") else "traced")}
     bad = [f"{k}: {v['status']} ({v.get('reason', '')})" for k, v in forms.items()
            if v["status"] in ("crash", "noop")]
     if bad:
-        return {"class": "CRASH", "reason": bad[0]}
+        return {"class": "CRASH", "reason": bad[0], **weights}
     if row["sites"] < row["cores"]:
-        return {"class": "PARTIAL", "reason": f"{row['sites']} of {row['cores']} attention cores found"}
-    if row["site_problems"]:
-        return {"class": "PARTIAL", "reason": row["site_problems"][0][:300]}
+        return {"class": "PARTIAL", "reason": f"{row['sites']} of {row['cores']} attention cores found", **weights}
+    core = row.get("core_problems", row["site_problems"])
+    if core:
+        return {"class": "PARTIAL", "reason": core[0][:300], **weights}
     if row.get("kept"):
-        return {"class": "PARTIAL", "reason": "kept as the model has it: " + row["kept"][0][:280]}
+        return {"class": "PARTIAL", "reason": "kept as the model has it: " + row["kept"][0][:280], **weights}
     if row["identity"] is None or not row["identity"] <= IDENTITY_TOL:
-        return {"class": "PARTIAL", "reason": f"identity differs by {row['identity']}"}
+        return {"class": "PARTIAL", "reason": f"identity differs by {row['identity']}", **weights}
     if row["sites"] > row["cores"]:
-        return {"class": "PARTIAL", "reason": f"{row['sites']} sites for {row['cores']} cores run"}
-    refused = [f"{k}: {v['reason']}" for k, v in forms.items() if v["status"] == "refused" and k != "shared_kv"]
-    return {"class": "EXACT", "reason": refused[0][:300] if refused else ""}
+        return {"class": "PARTIAL", "reason": f"{row['sites']} sites for {row['cores']} cores run", **weights}
+    refused = [f"{k}: {v['reason']}" for k, v in forms.items() if v["status"] == "refused"]
+    return {"class": "EXACT", "reason": refused[0][:300] if refused else "", **weights}
 
 
 # --------------------------------------------------------------------------- the runner
@@ -517,6 +530,7 @@ def summary(rows: list[dict]) -> dict:
     return {
         "families": len(rows), "counts": counts, "buildable": len(buildable),
         "exact_share": share(buildable, lambda r: r["class"] == "EXACT"),
+        "weights_traced_share": share(buildable, lambda r: r["class"] == "EXACT" and r.get("weights") == "traced"),
         "window_applied_share": share(causal_found, lambda r: r["forms"]["window"]["status"] == "applied"),
         "quantize_applied_share": share(causal_found, lambda r: r["forms"]["quantize"]["status"] == "applied"),
         "silent_noops": sum(1 for r in rows for v in r.get("forms", {}).values() if v["status"] == "noop"),
@@ -546,7 +560,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{pct(s['window_applied_share'])} and Quantize on {pct(s['quantize_applied_share'])} of causal "
             f"families with a core found; silent no-ops: {s['silent_noops']}.", "",
             "| family | kind | class | cores / sites | identity | window or sparse | quantize | shared_kv "
-            "| first problem |",
+            "| first problem or refusal |",
             "|---|---|---|---|---|---|---|---|---|"]
     lines = []
     for r in rows:

@@ -1,5 +1,6 @@
 """Bad input: unsupported sites name the module and what did not match; the CLI exits 2."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -113,6 +114,11 @@ def test_cli_bad_path_exits_2(tmp_path):
 def test_cli_help_explains():
     r = subprocess.run([sys.executable, "-m", "kvpass.cli", "inspect", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "bundled name" in r.stdout and "--json" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "kvpass.cli", "rewrite", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for kind, cls in kvpass.FORMS.items():  # every form and its keys, from the classes themselves
+        line = next(x for x in r.stdout.splitlines() if x.split()[:1] == [kind])
+        assert all(f.name in line for f in dataclasses.fields(cls)), line
 
 
 def test_cli_kernels_dump_and_bad_spec():

@@ -77,6 +77,9 @@ def test_zoo_subset_is_mostly_exact(subset_rows):
         if r["class"] == "EXACT":
             assert r["sites"] == r["cores"] and r["identity"] <= zoo.IDENTITY_TOL
             assert all(v["status"] in ("applied", "refused") for v in r["forms"].values())
+            assert all(v.get("reason") for v in r["forms"].values() if v["status"] == "refused")
+            if r["weights"] != "traced" and "shared_kv" in r["forms"]:  # untraced weights: refused, never guessed
+                assert r["forms"]["shared_kv"]["status"] == "refused", r
 
 
 @pytest.mark.slow
