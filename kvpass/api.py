@@ -113,6 +113,7 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
                 _count(report, "lowered")
     if not getattr(model, "_kvpass_hook", False):
         model.register_forward_pre_hook(_prepare_caches, with_kwargs=True)
+        model.register_forward_hook(_release_steps, with_kwargs=True)
         model._kvpass_hook = True
     model._kvpass = report
     steps = HEAL_DEFAULT_STEPS if heal is True else int(heal or 0)
@@ -344,6 +345,24 @@ def _prepare_caches(model: nn.Module, args, kwargs):
             ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring(),
                          quant=c.plan.quant)
         cache._kvpass_prepared = (id(model), tuple(cache.layers), plans)
+
+
+def _release_steps(model: nn.Module, args, kwargs, output) -> None:
+    """After a forward, drop what each kvpass core and cache layer kept of this step (its full
+    keys/values, for cross-layer consumers within the forward): held on, a long prefill stayed
+    resident until the next step, far beyond a window's ring."""
+    for m in model.modules():
+        if isinstance(m, KVAttention):
+            m.kv_core._last = None
+    caches = find_caches(kwargs)
+    out = getattr(output, "past_key_values", None)
+    if out is not None and all(out is not c for c in caches):
+        caches.append(out)
+    for cache in caches:
+        for layer in getattr(cache, "layers", ()):
+            for kept in ("step", "last_positions"):  # both set anew by the next update
+                if getattr(layer, kept, None) is not None:
+                    setattr(layer, kept, None)
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -185,6 +185,9 @@ def staged(path: Path, force: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     with out_lock(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.kvpass-tmp-{os.getpid()}-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become OUT's mode: a folder others cannot read
         try:
             yield tmp
             publish(tmp, path, force=force)

@@ -276,11 +276,31 @@ def cmd_rewrite(args) -> int:
     from .rewrite import main_summary, parse_policy, rewrite
 
     policy = parse_policy(args.policy)
+    warning = catastrophic_default(policy, args.heal)
+    if warning:
+        print(f"kvpass: warning: {warning}", file=sys.stderr)
     summary = rewrite(args.src, args.out, policy, calibration=args.calibration, dtype=args.dtype,
                       force=args.force, allow_pickle=args.allow_pickle, heal=args.heal,
                       native=not args.no_native, stream=not args.in_memory)
     print(main_summary(summary))
     return 0
+
+
+def catastrophic_default(policy, heal: int) -> str | None:
+    """A warning for a policy whose lossy default is known to wreck a trained model, else None.
+
+    >>> from kvpass.rewrite import parse_policy
+    >>> catastrophic_default(parse_policy("shared_kv:kv_heads=1"), heal=0)[:40]
+    'SharedKV(merge=mean) without --heal is k'
+    >>> catastrophic_default(parse_policy("shared_kv:kv_heads=1,merge=calibrated"), heal=150) is None
+    True
+    """
+    forms = list(policy.default) + [f for fs in policy.layers.values() for f in fs]
+    if heal == 0 and any(f.kind == "shared_kv" and f.merge == "mean" for f in forms):
+        return ("SharedKV(merge=mean) without --heal is known to be catastrophic on trained models "
+                "(SmolLM2-135M, 3 -> 1 KV heads: perplexity 37.1 -> 12,959; calibrated + 150 heal steps: "
+                "71.9, bench/shared_kv.py): add merge=calibrated --calibration TEXT --heal 150")
+    return None
 
 
 def cmd_kernels(args) -> int:

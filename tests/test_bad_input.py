@@ -345,3 +345,6 @@ def test_kill_9_at_each_point_of_the_streaming_rewrite(src, tmp_path, point):
     assert main(["rewrite", str(src), str(out), *POLICY]) == 0
     assert not _no_strays(tmp_path, "k") and (out / "config.json").exists()
     assert _digest(src) == before
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
