@@ -84,49 +84,153 @@ def structural_policy(model: nn.Module) -> Policy:
     return Policy(layers=layers)
 
 
-def files_sha256(paths) -> str:
-    """sha256 over the bytes of ``paths`` (sorted by name): identifies a source checkpoint."""
+def files_sha256(paths, *, check_finite: bool = False) -> str:
+    """sha256 over the bytes of ``paths`` (sorted by name): identifies a source checkpoint.
+
+    ``check_finite``: also read every floating-point tensor of the safetensors files among
+    ``paths`` (the same single pass over the bytes) and raise :class:`CheckpointError` naming
+    the first tensor that holds NaN or Inf (a corrupt payload, e.g. bytes overwritten with
+    0xFF, which a rewrite would otherwise copy through unnoticed).
+
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
+    >>> f = Path(tempfile.mkdtemp()) / "w.safetensors"
+    >>> save_file({"w": torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)}, str(f))
+    >>> len(files_sha256([f]))
+    64
+    >>> files_sha256([f], check_finite=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    kvpass.checkpoint.CheckpointError: ...w.safetensors: tensor w (BF16 [2]) holds 1 NaN/Inf value(s) of 2: ...
+    """
     h = hashlib.sha256()
+    bad: list[str] = []
     for p in sorted(Path(x) for x in paths):
         h.update(p.name.encode())
         with open(p, "rb") as f:
+            spans = _float_spans(f) if check_finite and p.suffix == ".safetensors" else None
+            if spans is None:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+                continue
+            pos = 0
+            f.seek(0)
+            for name, dt, shape, start, end in spans:
+                _hash_range(f, h, pos, start)
+                count = _nonfinite(f, h, start, end, dt)
+                if count and len(bad) < 3:
+                    bad.append(f"{p}: tensor {name} ({dt} {list(shape)}) holds {count:,} NaN/Inf value(s) of "
+                               f"{(end - start) // _FLOAT_BITS[dt][0]:,}")
+                elif count:
+                    bad.append("")
+                pos = end
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
+    if bad:
+        more = f" ({len(bad)} tensors in all)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{bad[0]}{more}: a corrupt payload? Pass --allow-nonfinite (Python: "
+                              "allow_nonfinite=True) if the checkpoint really stores non-finite values")
     return h.hexdigest()
+
+
+# itemsize, unsigned numpy view, exponent mask (all ones: Inf or NaN)
+_FLOAT_BITS = {"F64": (8, "<u8", 0x7FF0000000000000), "F32": (4, "<u4", 0x7F800000),
+               "F16": (2, "<u2", 0x7C00), "BF16": (2, "<u2", 0x7F80)}
+
+
+def _float_spans(f) -> list[tuple] | None:
+    """(name, dtype, shape, file start, file end) of a safetensors file's float tensors, in file
+    order; None when the header does not parse (the file is then only hashed)."""
+    try:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        spans = [(k, v["dtype"], tuple(v["shape"]), base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]))
+                 for k, v in header.items() if k != "__metadata__" and v.get("dtype") in _FLOAT_BITS]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return sorted(spans, key=lambda s: s[3])
+
+
+def _hash_range(f, h, start: int, end: int) -> None:
+    f.seek(start)
+    left = end - start
+    while left > 0:
+        block = f.read(min(left, 1 << 22))
+        if not block:
+            return
+        h.update(block)
+        left -= len(block)
+
+
+def _nonfinite(f, h, start: int, end: int, dt: str) -> int:
+    """Hash bytes [start, end) of ``f`` and count the floats among them whose exponent bits are
+    all ones (NaN/Inf), by integer views in numpy (no torch: this runs in a forked child)."""
+    import numpy as np
+
+    size, view, mask = _FLOAT_BITS[dt]
+    f.seek(start)
+    left, count = end - start, 0
+    step = (1 << 22) // size * size
+    while left > 0:
+        block = f.read(min(left, step))
+        if not block:
+            break
+        h.update(block)
+        whole = len(block) // size * size
+        if whole:
+            a = np.frombuffer(block, dtype=view, count=whole // size)
+            count += int(np.count_nonzero((a & a.dtype.type(mask)) == a.dtype.type(mask)))
+        left -= len(block)
+    return count
 
 
 class BackgroundHash:
     """:func:`files_sha256` computed in a forked process (it only reads files and hashes), so it
-    runs on another core while the rewrite works; ``result()`` waits.  Inline where fork is
-    not available."""
+    runs on another core while the rewrite works; ``result()`` waits (and raises the
+    :class:`CheckpointError` of a non-finite tensor when ``check_finite``).  Inline where fork
+    is not available."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, *, check_finite: bool = False):
         import multiprocessing as mp
 
         self.paths = [str(p) for p in paths]
-        self._value = None
+        self.check_finite = check_finite
+        self._value = self._error = None
         try:
             ctx = mp.get_context("fork")
         except ValueError:
-            self._value = files_sha256(self.paths)
+            self._run_here()
             return
         self._recv, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_hash_child, args=(self.paths, send), daemon=True)
+        self._proc = ctx.Process(target=_hash_child, args=(self.paths, check_finite, send), daemon=True)
         self._proc.start()
         send.close()
 
+    def _run_here(self) -> None:
+        try:
+            self._value = files_sha256(self.paths, check_finite=self.check_finite)
+        except CheckpointError as e:
+            self._error = str(e)
+
     def result(self) -> str:
-        if self._value is None:
+        if self._value is None and self._error is None:
             try:
-                self._value = self._recv.recv()
+                self._value, self._error = self._recv.recv()
             except EOFError:  # the child died: do it here
-                self._value = files_sha256(self.paths)
+                self._run_here()
             self._proc.join()
+        if self._error is not None:
+            raise CheckpointError(self._error)
         return self._value
 
 
-def _hash_child(paths, conn) -> None:
-    conn.send(files_sha256(paths))
+def _hash_child(paths, check_finite: bool, conn) -> None:
+    try:
+        conn.send((files_sha256(paths, check_finite=check_finite), None))
+    except CheckpointError as e:
+        conn.send((None, str(e)))
     conn.close()
 
 

@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     rw.add_argument("--no-native", action="store_true", help="always write a kvpass checkpoint")
     rw.add_argument("--in-memory", action="store_true",
                     help="load the whole model even when the policy could stream layer by layer")
+    rw.add_argument("--max-shard-size", default="5GB",
+                    help="largest weight file of a streamed rewrite, e.g. 5GB, 500MB (default 5GB)")
+    rw.add_argument("--allow-nonfinite", action="store_true",
+                    help="write even if a source tensor holds NaN/Inf (default: refused, naming the tensor)")
     rw.set_defaults(func=cmd_rewrite)
     ev = sub.add_parser(
         "eval", help="measure quality, KV bytes, cache memory and decode speed of policies",
@@ -281,7 +285,8 @@ def cmd_rewrite(args) -> int:
         print(f"kvpass: warning: {warning}", file=sys.stderr)
     summary = rewrite(args.src, args.out, policy, calibration=args.calibration, dtype=args.dtype,
                       force=args.force, allow_pickle=args.allow_pickle, heal=args.heal,
-                      native=not args.no_native, stream=not args.in_memory)
+                      native=not args.no_native, stream=not args.in_memory,
+                      allow_nonfinite=args.allow_nonfinite, max_shard_size=args.max_shard_size)
     print(main_summary(summary))
     return 0
 

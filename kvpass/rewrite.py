@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,24 @@ def parse_policy(text: str) -> Policy:
             d[key.strip()] = _value(value.strip())
         forms.append(Form.from_dict(d))
     return Policy(default=forms)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a size string (decimal units, as transformers' ``max_shard_size``).
+
+    >>> parse_size("5GB"), parse_size("500MB"), parse_size(1024), parse_size("2.5kb")
+    (5000000000, 500000000, 1024, 2500)
+    """
+    if isinstance(size, int):
+        if size <= 0:
+            raise CheckpointError(f"max shard size must be positive, not {size}")
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", str(size).lower())
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+    if m is None or m.group(2) not in units or float(m.group(1)) <= 0:
+        raise CheckpointError(f"not a size: {size!r} (e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+    return int(float(m.group(1)) * units[m.group(2)])
 
 
 def _value(v: str):
@@ -312,13 +331,20 @@ def _refuse_overlap(out: Path, sources: list[Path]) -> None:
 
 def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: str | None = None,
             dtype: str = "float32", force: bool = False, allow_pickle: bool = False,
-            heal: int = 0, native: bool = True, progress: bool = True, stream: bool = True) -> dict:
+            heal: int = 0, native: bool = True, progress: bool = True, stream: bool = True,
+            allow_nonfinite: bool = False, max_shard_size: int | str = "5GB") -> dict:
     """Rewrite checkpoint ``src`` into ``out`` (see module docstring). -> a summary dict.
+
+    ``allow_nonfinite``: write even when a floating-point tensor of the source holds NaN/Inf
+    (default: a :class:`CheckpointError` naming the tensor, nothing written; the check reads
+    the bytes once, in the same background pass that hashes the source).  ``max_shard_size``:
+    the largest weight file a streamed rewrite writes (bytes, or ``"5GB"``, ``"500MB"``).
 
     ``stream``: layer by layer from the shards where the policy allows it
     (:mod:`kvpass.stream`); otherwise, or with ``stream=False``, the whole model in memory.
     ``out`` is locked meanwhile (:func:`kvpass.checkpoint.out_lock`)."""
     out = Path(out)
+    max_bytes = parse_size(max_shard_size)
     if out.exists() and not force:
         raise CheckpointError(f"{out} exists; pass --force to replace it")
     folder = _check_source(src, allow_pickle)
@@ -327,17 +353,19 @@ def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: st
         if out.exists() and not force:
             raise CheckpointError(f"{out} exists; pass --force to replace it")
         return _rewrite(folder, src, out, policy, calibration=calibration, dtype=dtype, force=force,
-                        heal=heal, native=native, progress=progress, stream=stream)
+                        heal=heal, native=native, progress=progress, stream=stream,
+                        allow_nonfinite=allow_nonfinite, max_shard_size=max_bytes)
 
 
 def _rewrite(folder: Path, src, out: Path, policy: Policy, *, calibration, dtype: str, force: bool, heal: int,
-             native: bool, progress: bool, stream: bool) -> dict:
+             native: bool, progress: bool, stream: bool, allow_nonfinite: bool = False,
+             max_shard_size: int = 5 * 10**9) -> dict:
     from . import models
     from .api import kv_bytes_per_token, optimize
 
     t0 = time.perf_counter()
     safe, pickled = _source_files(folder)
-    digest = BackgroundHash(safe or pickled)
+    digest = BackgroundHash(safe or pickled, check_finite=not allow_nonfinite)
     source = {"path": str(src), "sha256": digest}  # filled in before anything is written
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if stream and not pickled:
@@ -350,7 +378,7 @@ def _rewrite(folder: Path, src, out: Path, policy: Policy, *, calibration, dtype
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             summary = stream_rewrite(folder, out, policy, sp, dtype=torch_dtype, native=native, source=source,
                                      tokenizer=tok, calibration=calibration,
-                                     progress=progress, force=force)
+                                     progress=progress, force=force, max_shard_size=max_shard_size)
             return {"source": str(folder), "out": str(out), "seconds": time.perf_counter() - t0, **summary}
         streamed_reason = sp.reason
     else:
@@ -362,6 +390,11 @@ def _rewrite(folder: Path, src, out: Path, policy: Policy, *, calibration, dtype
     except Exception as e:  # noqa: BLE001 -- transformers' many error types: one clear line
         raise CheckpointError(f"{folder}: could not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                               ) from e
+    if pickled and not allow_nonfinite:  # pickle payloads are not read by the hash's check
+        bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise CheckpointError(f"{folder}: tensor {bad[0]} holds NaN/Inf values ({len(bad)} tensors in all): "
+                                  "a corrupt payload? Pass --allow-nonfinite if the checkpoint really stores them")
     fast = optimize(model, policy, calibration=calibration, tokenizer=tok, heal=heal,
                     progress=progress)
     before, after = kv_bytes_per_token(model), kv_bytes_per_token(fast)

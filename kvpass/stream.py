@@ -64,7 +64,7 @@ from .errors import KVPassError
 from .lower import KVAttention
 from .policy import Policy
 
-__all__ = ["plan", "stream_rewrite", "StreamPlan"]
+__all__ = ["plan", "stream_rewrite", "StreamPlan", "pack_shards"]
 
 _TWIN = {"intermediate_size": 16, "vocab_size": 256}
 
@@ -259,6 +259,41 @@ def write_shard(path: Path, entries: dict[str, torch.Tensor | _Raw]) -> None:
                     left, pos = left - n, pos + n
 
 
+def pack_shards(folder: Path, weight_map: dict[str, str], max_bytes: int) -> dict[str, str]:
+    """Merge the small shards the layers were written to (two per layer) into as few files of at
+    most ``max_bytes`` as the order allows (a larger shard stays alone), named as transformers
+    names them (``model.safetensors`` when one is enough).  Bytes move file to file
+    (:func:`write_shard` with byte ranges); each small shard is removed once merged, so the
+    extra disk is one output file.  -> the new weight map."""
+    by_file: dict[str, list[str]] = {}
+    for k, f in weight_map.items():
+        by_file.setdefault(f, []).append(k)
+    groups, cur, size = [], [], 0
+    for f in sorted(by_file):
+        n = (folder / f).stat().st_size
+        if cur and size + n > max_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(f)
+        size += n
+    if cur:
+        groups.append(cur)
+    new_map: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        name = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        if len(group) == 1:
+            (folder / group[0]).rename(folder / name)
+        else:
+            reader = _Reader({k: folder / f for f in group for k in by_file[f]})
+            part = folder / (name + ".part")
+            write_shard(part, {k: reader.raw(k) for f in group for k in by_file[f]})
+            for f in group:
+                (folder / f).unlink()
+            part.rename(folder / name)
+        new_map.update(dict.fromkeys((k for f in group for k in by_file[f]), name))
+    return new_map
+
+
 def _copy_range(src, out, count: int, offset: int) -> int:
     try:
         n = os.copy_file_range(src.fileno(), out.fileno(), min(count, 1 << 30), offset)
@@ -343,9 +378,10 @@ def _working_copy(base: nn.Module, own: list[torch.Tensor]) -> nn.Module:
 
 def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, dtype: torch.dtype,
                    native: bool, source: dict, tokenizer, calibration=None, progress: bool = True,
-                   force: bool = False) -> dict:
+                   force: bool = False, max_shard_size: int = 5 * 10**9) -> dict:
     """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes); an ``out``
-    that exists when the rewrite is done is replaced only with ``force``."""
+    that exists when the rewrite is done is replaced only with ``force``.  The layers' shards
+    are merged at the end into files of at most ``max_shard_size`` bytes (:func:`pack_shards`)."""
     import transformers as tf
 
     from .api import kv_bytes_per_token, optimize
@@ -499,6 +535,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             del fast
         for c in copies:
             c.result()  # re-raises a failed copy
+        weight_map = pack_shards(tmp, weight_map, max_shard_size)
         config = dict(sp.config)
         config.pop("kvpass", None)
         section = {"format": FORMAT, "plans": plans, "source": resolved(source), "streamed": True,
@@ -514,9 +551,11 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         config["kvpass"] = section
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        files_out = set(weight_map.values())
+        if files_out != {"model.safetensors"}:  # one file needs no index
+            total = sum((tmp / f).stat().st_size for f in files_out)
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return {"format": fmt, "streamed": True, "seconds_layers": time.perf_counter() - t0,

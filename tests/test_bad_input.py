@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_rewrite import _digest, _tiny_llama
 
 import kvpass
-from kvpass.checkpoint import out_lock
+from kvpass.checkpoint import files_sha256, out_lock
 from kvpass.cli import main
 from kvpass.models import check_gguf
 from kvpass.policy import Policy
@@ -159,6 +160,60 @@ def test_disk_full_is_one_line_and_leaves_nothing(src, tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.startswith("kvpass: error:")]
     assert len(lines) == 1 and "Traceback" not in r.stderr and "File too large" in lines[0], r.stderr
     assert not out.exists() and not _no_strays(tmp_path, "full")
+
+
+@pytest.fixture
+def tmpfs(tmp_path, src):
+    """A real tmpfs (root only), smaller than the rewrite's output: the disk is really full."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    need = sum(p.stat().st_size for p in src.iterdir())
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need // 2}", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (the RLIMIT_FSIZE test covers the same path)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("how", [[], ["--in-memory"]])
+def test_disk_full_on_a_real_tmpfs(src, tmpfs, how):
+    out = tmpfs / "out"
+    r = subprocess.run([sys.executable, "-m", "kvpass.cli", "rewrite", str(src), str(out), *POLICY, *how],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("kvpass: error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "No space left" in lines[0], r.stderr
+    assert not out.exists() and not _no_strays(tmpfs, "out")
+    assert shutil.disk_usage(tmpfs).used < 64 * 1024  # nothing half-written is left behind
+
+
+def _poison(folder: Path, name: str) -> str:
+    """Overwrite 64 bytes in the middle of a float tensor's payload with 0xFF (NaN in every
+    float format). -> the tensor's name."""
+    w = folder / "model.safetensors"
+    b = bytearray(w.read_bytes())
+    n = struct.unpack("<Q", b[:8])[0]
+    head = json.loads(b[8:8 + n])
+    a, e = head[name]["data_offsets"]
+    mid = 8 + n + (a + e) // 2 // 8 * 8
+    b[mid:mid + 64] = b"\xff" * 64
+    w.write_bytes(bytes(b))
+    return name
+
+
+@pytest.mark.parametrize("how", [[], ["--in-memory"]])
+def test_nonfinite_payload_is_refused_by_name(src, tmp_path, capsys, how):
+    bad = _copy(src, tmp_path / "nan")
+    name = _poison(bad, "model.layers.1.mlp.up_proj.weight")
+    before = _digest(bad)
+    out = tmp_path / "out"
+    assert main(["rewrite", str(bad), str(out), *POLICY, *how]) == 2
+    _one_line(capsys, name, "NaN/Inf", "--allow-nonfinite")
+    assert not out.exists() and not _no_strays(tmp_path, "out") and _digest(bad) == before
+    assert main(["rewrite", str(bad), str(out), *POLICY, *how, "--allow-nonfinite"]) == 0
+    assert out.is_dir()
 
 
 def test_two_rewrites_to_one_output_one_wins_whole(src, tmp_path):
@@ -304,10 +359,18 @@ def _load_safetensors(path: Path) -> None:
     from safetensors import safe_open
 
     shapes = check_safetensors(path)
+    try:
+        files_sha256([path], check_finite=True)
+        finite = True
+    except kvpass.KVPassError:
+        finite = False
     with safe_open(str(path), "pt") as h:
         assert sorted(h.keys()) == sorted(shapes)
         for k in h.keys():
-            assert list(h.get_tensor(k).shape) == list(shapes[k])
+            t = h.get_tensor(k)
+            assert list(t.shape) == list(shapes[k])
+            if finite and t.is_floating_point():  # the check missed nothing
+                assert torch.isfinite(t).all()
 
 
 def _load_gguf(path: Path) -> None:
