@@ -129,7 +129,8 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
         return model
     ids = calibration_ids(calibration, tokenizer) if calibration is not None else None
     if need and ids is None:
-        raise KVPassError("this policy calibrates (similarity grouping, calibrated merge or heal): "
+        raise KVPassError("this policy calibrates (whitened/aware MHC, MHC refit or allocation, similarity grouping, "
+                          "calibrated merge or heal): "
                           "pass calibration=<token ids | text | file> (and tokenizer= for text)")
     _rewrite_layers(model, source, lossy, chosen, lowered, ids, (steps, heal_lr), report, progress)
     return model

@@ -137,8 +137,8 @@ class MHC(Form):
         _pos_int(n, "rank", self.rank, allow_none=True)
         _check(n, "ratio", self.ratio, self.ratio is None or (isinstance(self.ratio, (int, float))
                                                               and not isinstance(self.ratio, bool)
-                                                              and self.ratio > 1),
-               "a number > 1 (the cache shrinks by this factor) or None")
+                                                              and 1 < self.ratio < float("inf")),
+               "a finite number > 1 (the cache shrinks by this factor) or None")
         if (self.rank is None) == (self.ratio is None):
             raise PolicyError("MHC: give exactly one of rank=r or ratio=x")
         _check(n, "joint", self.joint, isinstance(self.joint, bool), "True, False")

@@ -89,3 +89,20 @@ def test_selectors_that_match_no_layer_are_errors():
         kvpass.Policy(layers={"1-0": kvpass.Window(4)})
     ok = kvpass.optimize(model, kvpass.Policy(default=kvpass.Full(), layers={"1-": kvpass.Window(4)}))
     assert ok._kvpass.counters["window"] == 1
+
+
+def test_policies_that_change_nothing_are_errors():
+    """SharedKV to the present head count and MHC(ratio=inf) used to succeed with '1.00x smaller'."""
+    import families as fam
+
+    model = fam.build("llama")
+    h = kvpass.find_sites(model)[0].num_kv_heads
+    for form in (kvpass.SharedKV(kv_heads=h), kvpass.SharedKV(ratio=1)):
+        with pytest.raises(kvpass.PolicyError, match=f"changes nothing on .*already has {h} KV heads"):
+            kvpass.optimize(model, form)
+    with pytest.raises(kvpass.PolicyError, match="finite number > 1"):
+        kvpass.MHC(ratio=float("inf"))
+    fast = kvpass.optimize(model, kvpass.SharedKV(kv_heads=1))  # fewer heads still work
+    assert kvpass.kv_bytes_per_token(fast) < kvpass.kv_bytes_per_token(model)
+    # sharing across layers at the present head count is a change
+    kvpass.optimize(model, kvpass.SharedKV(kv_heads=h, cross_layer=2))

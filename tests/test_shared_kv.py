@@ -33,6 +33,8 @@ def _logits(m, ids):
 def test_identical_heads_merge_exactly(family, n):
     model = fam.build(family)
     kv = kvpass.find_sites(model)[0].num_kv_heads
+    if n >= kv:  # the present head count changes nothing: refused (test_policy)
+        n = 1
     _tie_groups(model, n)
     fast = kvpass.optimize(model, kvpass.SharedKV(kv_heads=n))
     ids = torch.randint(1, fam.VOCAB, (2, 11))
@@ -105,8 +107,8 @@ def test_generate_with_fewer_heads_and_measured_bytes():
     assert cache_nbytes(cache) == kvpass.kv_bytes_per_token(fast) * 2 * (out.sequences.shape[1] - 1)
 
 
-@pytest.mark.parametrize("form,msg", [(kvpass.SharedKV(kv_heads=3), r"allowed kv_heads: \[1, 2\]"),
-                                      (kvpass.SharedKV(ratio=4), r"ratio: \[2, 1\]")])
+@pytest.mark.parametrize("form,msg", [(kvpass.SharedKV(kv_heads=3), r"allowed kv_heads: \[1\]"),
+                                      (kvpass.SharedKV(ratio=4), r"ratio: \[2\]")])
 def test_bad_head_counts_list_valid_values(form, msg):
     with pytest.raises(kvpass.PolicyError, match=msg):
         kvpass.optimize(fam.build("llama"), form)

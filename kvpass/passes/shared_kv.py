@@ -48,11 +48,18 @@ def target_heads(site: AttentionSite, form: SharedKV) -> int:
     h = site.num_kv_heads
     valid = [d for d in range(1, h + 1) if h % d == 0]
     n = form.kv_heads if form.kv_heads is not None else (h // form.ratio if form.ratio else h)
-    if form.kv_heads is not None and n not in valid or form.ratio is not None and h % form.ratio:
+    if form.cross_layer == 1:
+        valid = valid[:-1] or valid  # the present count would change nothing (refused below)
+    if form.kv_heads is not None and n not in valid + [h] or form.ratio is not None and h % form.ratio:
         what = f"kv_heads={form.kv_heads}" if form.kv_heads is not None else f"ratio={form.ratio}"
         raise PolicyError(f"SharedKV.{what.split('=')[0]}: invalid value {what.split('=')[1]} for "
                           f"{site.name} with {h} KV heads; allowed kv_heads: {valid}, "
                           f"ratio: {[h // d for d in valid]}")
+    if n == h and form.cross_layer == 1:  # never a silent no-op
+        what = f"kv_heads={form.kv_heads}" if form.kv_heads is not None else f"ratio={form.ratio}"
+        raise PolicyError(f"SharedKV({what}) changes nothing on {site.name}: it already has {h} KV heads; "
+                          f"ask for fewer ({', '.join(map(str, valid[:-1])) or 'none possible'}) or leave "
+                          "the layer out of the policy")
     return n
 
 
