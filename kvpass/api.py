@@ -15,7 +15,7 @@ from .calibrate import LayerFeeder, RecordedCalls, calibration_ids, collect_stat
 from .capture import capture, default_example_inputs, run_cache_free
 from .errors import KVPassError, SiteError
 from .heal import HEAL_DEFAULT_STEPS, heal_block, snapshot
-from .lower import KVAttention, KVCore, LayerPlan, lower_site, record_calls
+from .lower import CaptureReuse, KVAttention, KVCore, LayerPlan, lower_site, record_calls
 from .passes import PASSES, PassContext, mhc, needs_calibration, needs_stats
 from .policy import Form, Full, Policy, check_selectors
 from .sites import AttentionSite, find_sites_in
@@ -107,9 +107,10 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
         chosen = _choose(sites, policy, report)
         calls = record_calls(model, list(chosen), lambda: run_cache_free(model, example_inputs))
         lowered = {}
+        reuse = CaptureReuse()
         for site in sites:
             if site.name in chosen:
-                lowered[site.name] = lower_site(model, site, calls[site.name], chosen[site.name])
+                lowered[site.name] = lower_site(model, site, calls[site.name], chosen[site.name], reuse)
                 _count(report, "lowered")
     if not getattr(model, "_kvpass_hook", False):
         model.register_forward_pre_hook(_prepare_caches, with_kwargs=True)

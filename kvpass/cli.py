@@ -144,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--budget-context", type=int, default=None, help="context of the budget (default --context)")
     ev.add_argument("--budget-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="cache dtype the budget is counted in (default: the model's)")
+    ev.add_argument("--bytes-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="cache dtype the table and the plot count bytes in (default: --budget-dtype, "
+                         "else the model's): one dtype for every row")
     ev.add_argument("--forms", nargs="*", default=["quantize", "window"], help="forms the budget search mixes")
     ev.add_argument("--json", default=None, help="write the rows as JSON")
     ev.add_argument("--plot", default=None, help="write the quality-vs-bytes plot (PNG)")
@@ -217,7 +220,7 @@ def cmd_demo(args) -> int:
     policies = {"default: int4 g64, keys per channel": Quantize(bits=4, group=64),
                 f"budget {args.budget:g}x (searched)": budget}
     ev = evaluate(model, policies, tok, context=args.context, chunks=2, passkey_lengths=[args.context],
-                  speed_contexts=[512, args.context], decode_steps=8)
+                  speed_contexts=[512, args.context], decode_steps=8, bytes_dtype="bfloat16")
     ev.settings.update(model="smollm2-135m", budget_dtype="bfloat16")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +259,8 @@ def cmd_eval(args) -> int:
         calib = load_text(args.calibration or "calibration")
     ev = evaluate(model, policies, tok, text=text, context=args.context, chunks=args.chunks,
                   passkey_lengths=args.passkey_lengths, speed_contexts=args.speed_contexts,
-                  decode_steps=args.decode_steps, calibration=calib)
+                  decode_steps=args.decode_steps, calibration=calib,
+                  bytes_dtype=args.bytes_dtype or args.budget_dtype)
     ev.settings["model"] = args.model
     print(ev.table())
     if search is not None:
@@ -342,8 +346,10 @@ def cmd_inspect(args) -> int:
     for f in sorted(models.resolve(args.model).glob("*.safetensors")):
         check_safetensors(f)  # a truncated or corrupt file: one line naming it
     model, _tok = models.load(args.model)
-    print(f"loaded in {time.time() - t0:.1f} s; tracing ...", file=sys.stderr)
+    t1 = time.time()
+    print(f"loaded in {t1 - t0:.1f} s; tracing ...", file=sys.stderr)
     sites = find_sites(model)
+    print(f"traced and analysed in {time.time() - t1:.1f} s", file=sys.stderr)
     size = next(model.parameters()).element_size()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     rows = []

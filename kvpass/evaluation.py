@@ -52,14 +52,30 @@ class Evaluation:
     rows: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
 
+    @property
+    def bytes_dtype(self) -> str:
+        """The cache dtype the table's and the plot's bytes and ratios are counted in (one for
+        all rows: ``settings["bytes_dtype"]``, default the dtype the model ran in)."""
+        return self.settings.get("bytes_dtype") or "float32"
+
+    def kv_bytes(self, row: dict) -> float:
+        """KV bytes per token of ``row`` in :attr:`bytes_dtype`."""
+        return row["kv_bytes_per_token_bf16" if self.bytes_dtype in _HALF else "kv_bytes_per_token"]
+
+    def ratio(self, row: dict) -> float:
+        """``row``'s cache over the original's, both in :attr:`bytes_dtype`."""
+        return self.kv_bytes(row) / self.kv_bytes(self.rows[0])
+
     def table(self) -> str:
-        """One text table: quality, its change, KV bytes/token, cache ratio, speed columns."""
+        """One text table: quality, its change, KV bytes/token and cache ratio (both in
+        :attr:`bytes_dtype`, named in the header), speed columns."""
         base = self.rows[0]
         quality = "perplexity" if "perplexity" in base else "cosine"
         speeds = [str(n) for n in self.settings.get("speed_contexts", ())]
+        dt = _SHORT.get(self.bytes_dtype, self.bytes_dtype)
         head = (f"{'policy':<36} {quality:>10} {'change':>8} {'late ppl':>9} {'passkey':>8} "
-                f"{'KV B/token':>11} {'cache':>7} {'bf16':>7}" + "".join(f" {'tok/s@' + n:>11} {'peak MB@' + n:>11}"
-                                                          for n in speeds))
+                f"{'KV B/tok ' + dt:>13} {'cache':>7}" + "".join(f" {'tok/s@' + n:>11} {'peak MB@' + n:>11}"
+                                                             for n in speeds))
         lines = [head, "-" * len(head)]
         for r in self.rows:
             q = r.get(quality)
@@ -69,8 +85,7 @@ class Evaluation:
             cells = [f"{r['label'][:36]:<36}", f"{q:>10.3f}" if q is not None else f"{'-':>10}", f"{change:>8}",
                      f"{late:>9.3f}" if late is not None else f"{'-':>9}",
                      f"{pk:>8.2f}" if pk is not None else f"{'-':>8}",
-                     f"{r['kv_bytes_per_token']:>11,.0f}", f"{r['cache_ratio']:>6.3f}x",
-                     f"{r['cache_ratio_bf16']:>6.3f}x"]
+                     f"{self.kv_bytes(r):>13,.0f}", f"{self.ratio(r):>6.3f}x"]
             for n in speeds:
                 s = r.get("speed", {}).get(n)
                 cells += [f"{s['tokens_per_s']:>11.2f}", f"{s['peak_cache_bytes'] / 1e6:>11.2f}"] if s else \
@@ -93,7 +108,7 @@ class Evaluation:
         import matplotlib.pyplot as plt
 
         quality = "perplexity" if "perplexity" in self.rows[0] else "cosine"
-        pts = [(r["kv_bytes_per_token"], r[quality], r["label"]) for r in self.rows]
+        pts = [(self.kv_bytes(r), r[quality], r["label"]) for r in self.rows]
         front = pareto_front([(x, y) for x, y, _ in pts], lower_is_better=quality == "perplexity")
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for i, (x, y, label) in enumerate(pts):
@@ -103,7 +118,8 @@ class Evaluation:
         fx = sorted((pts[i][0], pts[i][1]) for i in front)
         ax.plot([p[0] for p in fx], [p[1] for p in fx], "r--", lw=1, label="Pareto front")
         ax.set_xscale("log")
-        ax.set_xlabel(f"KV cache bytes per token at {self.settings.get('kv_context')} tokens")
+        ax.set_xlabel(f"KV cache bytes per token at {self.settings.get('kv_context')} tokens "
+                      f"({self.bytes_dtype} cache)")
         ax.set_ylabel(quality + (" (held-out text)" if quality == "perplexity" else " to the original"))
         ax.set_title(self.settings.get("model", "kvpass eval"))
         ax.legend(loc="best", fontsize=8)
@@ -112,6 +128,10 @@ class Evaluation:
         fig.savefig(path, dpi=130)
         plt.close(fig)
         return str(path)
+
+
+_HALF = ("bfloat16", "float16")
+_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def pareto_front(points: Sequence[tuple[float, float]], lower_is_better: bool = True) -> list[int]:
@@ -200,6 +220,7 @@ def evaluate(
     speed_contexts: Sequence[int] = (512, 2048, 8192),
     decode_steps: int = 16,
     calibration=None,
+    bytes_dtype: str | None = None,
     progress: bool = True,
     on_row=None,
 ) -> Evaluation:
@@ -217,6 +238,9 @@ def evaluate(
             tokenizer only); counted only where the original retrieves the key.
         speed_contexts: contexts for peak cache memory and decode tokens/s (``()`` to skip).
         calibration: text or ids for policies that calibrate (passed to ``optimize``).
+        bytes_dtype: the cache dtype the table and the plot count bytes in (``"bfloat16"``,
+            ``"float16"`` or ``"float32"``; default: the model's dtype).  Both are stored per
+            row (``kv_bytes_per_token``: as run; ``kv_bytes_per_token_bf16``).
         on_row: called with the :class:`Evaluation` after each row (partial results).
     """
     from . import api
@@ -248,7 +272,10 @@ def evaluate(
                 "chunks": int(tokens.shape[0]) if tokens is not None else None,
                 "passkey_lengths": lengths if do_passkey else [], "passkey_depths": list(passkey_depths),
                 "speed_contexts": [n for n in speed_contexts if stream is not None and stream.shape[1] >= n],
-                "decode_steps": decode_steps}
+                "decode_steps": decode_steps,
+                "bytes_dtype": bytes_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if settings["bytes_dtype"] not in (*_HALF, "float32"):
+        raise ValueError(f"evaluate: bytes_dtype {bytes_dtype!r}: one of bfloat16, float16, float32")
     result = Evaluation(settings=settings)
     base_pk = None
     lowered = None

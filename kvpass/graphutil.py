@@ -160,11 +160,31 @@ def trace_indices(chain: list[fx.Node], env: dict, src: fx.Node, idx: torch.Tens
 
 
 def chain_between(src: fx.Node, dst: fx.Node) -> list[fx.Node]:
-    """Nodes on any path from ``src`` to ``dst`` (inclusive), in graph order."""
-    down = descendants(src) | {src}
-    up = ancestors(dst) | {dst}
-    keep = down & up
-    return [n for n in dst.graph.nodes if n in keep]
+    """Nodes on any path from ``src`` to ``dst`` (inclusive), in graph order.
+
+    Bounded by the graph's order (nodes compare by position): only ``dst``'s ancestors that
+    come after ``src`` are visited, so the cost is the chain's neighbourhood, not the whole
+    model's graph (a late layer's ancestors are every earlier layer).
+    """
+    up = {dst}
+    stack = [dst]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in up and not a < src:
+                up.add(a)
+                stack.append(a)
+    if src not in up:
+        return []
+    keep = {src}
+    stack = [src]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in up and u not in keep:
+                keep.add(u)
+                stack.append(u)
+    return sorted(keep)
 
 
 def ancestors(node: fx.Node) -> set[fx.Node]:

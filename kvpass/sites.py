@@ -697,7 +697,7 @@ def _trace_heads(pre: fx.Node, chain: list[fx.Node], out: fx.Node, env) -> list[
 
 def _projection(pre: fx.Node, env, problems: list[str], what: str) -> tuple[Projection | None, fx.Node | None, list]:
     """The projection feeding ``pre`` and its channel per (head, dim)."""
-    projs = [n for n in gu.ancestors(pre) | {pre} if _is_projection(n)]
+    projs = _nearest_projections(pre)
     projs = [p for p in projs if not any(_is_projection(x) for x in gu.chain_between(p, pre)[1:])]
     if len(projs) != 1:
         problems.append(f"{what}: expected one projection feeding it, found {len(projs)}")
@@ -774,6 +774,26 @@ def _weight_arg(a) -> tuple[fx.Node | None, int]:
             return None, 0
         a = a.args[0]
     return None, 0
+
+
+def _nearest_projections(pre: fx.Node) -> list[fx.Node]:
+    """Projections with a path to ``pre`` that crosses no other projection (``pre`` itself
+    included): a walk back from ``pre`` that stops at projections.  A superset of those whose
+    every path is projection-free (the caller filters), found without visiting every earlier
+    layer of a whole model's graph."""
+    if _is_projection(pre):
+        return [pre]
+    seen, out, stack = {pre}, [], [pre]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if _is_projection(a):
+                out.append(a)
+            else:
+                stack.append(a)
+    return sorted(out)
 
 
 def _is_projection(n: fx.Node) -> bool:

@@ -79,6 +79,32 @@ def test_evaluate_labels_and_ratios():
     assert "late ppl" in ev.table()
 
 
+def test_table_and_plot_count_bytes_in_one_dtype(tmp_path, monkeypatch):
+    """Quantized storage does not scale with the model's dtype: fp32 and bf16 bytes side by side
+    made a 4x (bf16) cache look 6x (fp32) smaller.  One stated dtype for every row."""
+    torch.manual_seed(0)
+    model = fam.llama().eval()
+    ids = torch.randint(1, fam.VOCAB, (2, 40))
+    q4 = {"q4": kvpass.Quantize(bits=4, group=8)}
+    f32 = kvpass.evaluate(model, q4, tokens=ids, context=40, speed_contexts=(), progress=False)
+    b16 = kvpass.evaluate(model, q4, tokens=ids, context=40, speed_contexts=(), progress=False,
+                          bytes_dtype="bfloat16")
+    assert f32.bytes_dtype == "float32" and "KV B/tok fp32" in f32.table()
+    assert b16.bytes_dtype == "bfloat16" and "KV B/tok bf16" in b16.table() and "fp32" not in b16.table()
+    row = b16.rows[1]
+    assert b16.ratio(row) == pytest.approx(row["cache_ratio_bf16"]) != pytest.approx(row["cache_ratio"])
+    assert f"{b16.ratio(row):.3f}x" in b16.table() and f"{row['cache_ratio']:.3f}x" not in b16.table()
+    xs = []
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", lambda ax, x, y, **kw: (xs.append(x), real(ax, x, y, **kw)))
+    b16.plot(tmp_path / "p.png")
+    assert xs == [r["kv_bytes_per_token_bf16"] for r in b16.rows]
+    with pytest.raises(ValueError, match="bytes_dtype"):
+        kvpass.evaluate(model, q4, tokens=ids, context=40, speed_contexts=(), progress=False, bytes_dtype="int8")
+
+
 def test_decode_speed_reads_the_cache():
     torch.manual_seed(0)
     model = fam.llama().eval()

@@ -11,7 +11,7 @@ orig = kvpass.codegen.attention
 kvpass.lower.codegen.attention = lambda *a, **k: calls.append(1) or orig(*a, **k)
 torch.manual_seed(0)
 model = fam.llama(num_attention_heads=2, num_key_value_heads=1, hidden_size=32).eval()
-fast = kvpass.optimize(model, kvpass.SharedKV(kv_heads=1))
+fast = kvpass.optimize(model, kvpass.Full())
 ids = torch.randint(1, fam.VOCAB, (2, 9))
 mask = torch.ones_like(ids); mask[0, :3] = 0
 with torch.no_grad():

@@ -99,3 +99,79 @@ def test_unimplemented_form_is_refused_clearly():
 
     with pytest.raises(kvpass.KVPassError, match="test_future_form.*not implemented"):
         kvpass.optimize(fam.build("llama"), Future())
+
+
+class _Scaled(torch.nn.Module):
+    """An attention whose softmax scale is a Python float of the layer index: the same
+    code, but each layer traces a different literal."""
+
+    def __init__(self, i, d=32, h=4):
+        super().__init__()
+        self.h, self.scale = h, (d // h) ** -0.5 * (1 + i)
+        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class _ScaledLM(torch.nn.Module):
+    def __init__(self, layers=3):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 32)
+        self.attn = torch.nn.ModuleList(_Scaled(i) for i in range(layers))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for a in self.attn:
+            x = x + a(x)
+        return x
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "scaled"])
+def test_layers_reuse_one_capture_only_where_they_trace_the_same(name, monkeypatch):
+    """optimize() captures a layer's module once per distinct traced code (kvpass.lower
+    CaptureReuse): the result equals capturing every layer on its own, windows included."""
+    from kvpass import lower
+
+    torch.manual_seed(0)
+    model = _ScaledLM().eval() if name == "scaled" else fam.build(name)
+    ids = torch.randint(1, 50 if name == "scaled" else fam.VOCAB, (2, 40))
+    hits = []
+    real_lookup = lower.CaptureReuse.lookup
+
+    def spy(self, *a, **k):
+        got = real_lookup(self, *a, **k)
+        hits.append(got is not None)
+        return got
+
+    monkeypatch.setattr(lower.CaptureReuse, "lookup", spy)
+    policy = kvpass.Window(8, sinks=2)
+    reused = kvpass.optimize(model, policy)
+    monkeypatch.setattr(lower.CaptureReuse, "lookup", lambda self, *a, **k: None)
+    alone = kvpass.optimize(model, policy)
+    n = len(kvpass.find_sites(model))
+    if name == "scaled":
+        assert sum(hits) == 0  # every layer's literal scale differs: each captured alone
+    else:
+        assert sum(hits) >= 1
+    # the signature itself tells the layers apart (not only the output check behind it)
+    from kvpass.capture import capture, default_example_inputs, run_cache_free
+    from kvpass.sites import find_sites_in
+
+    ex = default_example_inputs(model)
+    found = find_sites_in(capture(model, ex))
+    calls = lower.record_calls(model, [s.name for s in found], lambda: run_cache_free(model, ex))
+    sigs = [lower.CaptureReuse.signature(s, model.get_submodule(s.name), calls[s.name]) for s in found]
+    assert all(x is not None for x in sigs)
+    assert len(set(sigs)) == (len(sigs) if name == "scaled" else 1 if name == "llama" else len(set(sigs)))
+    with torch.no_grad():
+        a, b, ref = _out(reused(ids)), _out(alone(ids)), _out(model(ids))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - ref).abs().max() > 0 or n == 0  # the window really applies (40 > 8 tokens)
+    sites = {m.site.name: m.site for m in reused.modules() if isinstance(m, KVAttention)}
+    alone_sites = {m.site.name: m.site for m in alone.modules() if isinstance(m, KVAttention)}
+    assert {k: (s.window, s.scale) for k, s in sites.items()} == \
+        {k: (s.window, s.scale) for k, s in alone_sites.items()}
