@@ -44,11 +44,14 @@ class Report:
     heal: dict[str, tuple[float, float]] = field(default_factory=dict)  # loss before/after
     removed: dict[str, list[str]] = field(default_factory=dict)  # params dropped (cross-layer, MHC)
     allocation: dict = field(default_factory=dict)  # MHC rank allocation: sensitivities, ranks
+    #: modules called once per layer for several layers (ALBERT, recurrent stacks): name -> layers
+    shared_modules: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __deepcopy__(self, memo):  # sites hold graph handles: shared, not copied
         return dataclasses.replace(self, forms=dict(self.forms), kept=dict(self.kept),
                                    counters=dict(self.counters), heal=dict(self.heal),
-                                   removed=dict(self.removed), allocation=dict(self.allocation))
+                                   removed=dict(self.removed), allocation=dict(self.allocation),
+                                   shared_modules=dict(self.shared_modules))
 
 
 def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None, heal=False,
@@ -88,7 +91,7 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
         model = copy.deepcopy(model)
     if reuse:  # already lowered as Full(): re-plan without capturing again
         sites = model._kvpass.sites
-        report = Report(sites)
+        report = Report(sites, shared_modules=dict(model._kvpass.shared_modules))
         chosen = _choose(sites, policy, report)
         lowered = {m.site.name: m for m in model.modules() if isinstance(m, KVAttention)}
         for name, forms in chosen.items():
@@ -104,13 +107,16 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
                             (f" ({len(why)} softmax node(s) passed over; first: {why[0]})" if why else
                              " (no SDPA call and no softmax)"))
         report = Report(sites)
+        names = list(dict.fromkeys(s.name for s in sites if s.name))
+        calls = record_calls(model, names, lambda: run_cache_free(model, example_inputs))
+        report.shared_modules = _shared_modules(sites, calls.counts)
         chosen = _choose(sites, policy, report)
-        calls = record_calls(model, list(chosen), lambda: run_cache_free(model, example_inputs))
         lowered = {}
         reuse = CaptureReuse()
         for site in sites:
-            if site.name in chosen:
-                lowered[site.name] = lower_site(model, site, calls[site.name], chosen[site.name], reuse)
+            if site.name in chosen and site.name not in lowered:
+                lowered[site.name] = lower_site(model, site, calls[site.name], chosen[site.name], reuse,
+                                                report.shared_modules.get(site.name))
                 _count(report, "lowered")
     if not getattr(model, "_kvpass_hook", False):
         model.register_forward_pre_hook(_prepare_caches, with_kwargs=True)
@@ -119,6 +125,7 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
     model._kvpass = report
     steps = HEAL_DEFAULT_STEPS if heal is True else int(heal or 0)
     lossy = [s for s in sites if s.name in chosen and chosen[s.name] != (Full(),)]
+    lossy = [s for i, s in enumerate(lossy) if all(t.name != s.name for t in lossy[:i])]  # one per module
     if not lossy:
         return model
     need = steps > 0 or any(needs_calibration(f) for s in lossy for f in chosen[s.name])
@@ -144,7 +151,7 @@ def _reusable(model: nn.Module) -> bool:
     return (report is not None and bool(mods) and all(s.nodes is not None for s in report.sites)
             and all(m.kv_core.forms == (Full(),) and m.kv_core.plan == LayerPlan()
                     and m.kv_core.latent is None and m.kv_core.producer is None for m in mods)
-            and len(mods) == sum(1 for s in report.sites if s.name not in report.kept))
+            and len(mods) == len({s.name for s in report.sites if s.name not in report.kept}))
 
 
 def _rewrite_layers(model, source, lossy, chosen, lowered, ids, heal, report, progress) -> None:
@@ -225,6 +232,9 @@ def retarget(model: nn.Module, policy) -> nn.Module:
     for att in [m for m in model.modules() if isinstance(m, KVAttention)]:
         core, site = att.kv_core, att.site
         forms = policy.forms_for(site.layer, site.name)
+        if len({policy.forms_for(i, site.name) for i in core.layers}) > 1:
+            raise SiteError(f"{site.name} runs layers {list(core.layers)} with one module (weights shared across "
+                            "layers): give them the same forms")
         fixed = [f for f in core.forms if f.kind not in VISIBILITY_FORMS]
         if core.producer is not None or [f for f in forms if f.kind not in VISIBILITY_FORMS] != fixed:
             raise KVPassError(f"{site.name}: retarget changes only {VISIBILITY_FORMS} forms, on layers with "
@@ -286,6 +296,15 @@ def _count(report: Report, key: str) -> None:
     report.counters[key] = report.counters.get(key, 0) + 1
 
 
+def _shared_modules(sites, counts: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Modules that run one attention core per call and were called once for each of their
+    sites (ALBERT's shared layer, recurrent stacks): name -> the layers, in call order."""
+    layers: dict[str, list[int]] = {}
+    for s in sites:
+        layers.setdefault(s.name, []).append(s.layer)
+    return {n: tuple(ls) for n, ls in layers.items() if n and len(ls) > 1 and counts.get(n) == len(ls)}
+
+
 def _choose(sites, policy: Policy, report: Report, check: bool = True) -> dict[str, tuple[Form, ...]]:
     """Forms per site; ``check``: every selector of the policy must match a site (the compile
     backend sees one dynamo graph at a time, where other layers may live in other graphs)."""
@@ -299,9 +318,21 @@ def _choose(sites, policy: Policy, report: Report, check: bool = True) -> dict[s
         forms = policy.forms_for(s.layer, s.name)
         report.forms[s.name] = forms
         lossless = forms == (Full(),)
-        if cores[s.name] > 1:  # one module, several cores: weights shared across layers (ALBERT)
-            why = (f"{s.name or '<top>'}: the module runs {cores[s.name]} attention cores (one module called "
-                   "for several layers, or several attentions in one module); kvpass rewrites one core per module")
+        shared = report.shared_modules.get(s.name)
+        if shared:  # one module called for several layers: one core, the same forms for all
+            other = {policy.forms_for(i, s.name) for i in shared}
+            if len(other) > 1:
+                raise SiteError(f"{s.name} runs layers {list(shared)} with one module (weights shared across "
+                                f"layers): give them the same forms (asked: {sorted(map(str, other))})")
+            weights = [f.kind for f in forms if f.kind not in VISIBILITY_FORMS]
+            if weights:
+                raise SiteError(f"cannot rewrite {s.name}: form(s) {weights} change the weights of a module that "
+                                f"runs layers {list(shared)} (weights shared across layers); use forms that change "
+                                "no weights (Window, Sparse, Quantize) or leave these layers Full()")
+            cores[s.name] = 1
+        if cores[s.name] > 1:  # one module, several cores in one call
+            why = (f"{s.name or '<top>'}: the module runs {cores[s.name]} attention cores in one call; kvpass "
+                   "rewrites one core per call of a module")
             if not lossless:
                 raise SiteError(f"cannot rewrite {why}. Leave these layers Full() in the policy.")
             report.kept[s.name] = why
@@ -344,8 +375,10 @@ def _prepare_caches(model: nn.Module, args, kwargs):
         if getattr(cache, "_kvpass_prepared", None) == (id(model), tuple(cache.layers), plans):
             continue  # prepared by this model, plans and layers unchanged: a decode step
         for c in sorted(cores, key=lambda c: c.producer is not None):
-            ensure_layer(cache, c.layer_idx, None if c.producer is None else c.producer.layer_idx, ring=c.ring(),
-                         quant=c.plan.quant)
+            for layer in c.layers:
+                ensure_layer(cache, layer, None if c.producer is None else c.producer.layer_idx, ring=c.ring(),
+                             quant=c.plan.quant)
+        cache.__dict__.pop("_kvpass_calls", None)  # a new cache or new plans: shared modules start over
         cache._kvpass_prepared = (id(model), tuple(cache.layers), plans)
 
 
@@ -374,7 +407,7 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> in
     and block-local layers add this only until their ring is full: see :func:`kv_cache_bytes`.
     """
     mods, others, dtype, size = _layers(model, dtype)
-    return (sum(m.kv_core.bytes_per_token(dtype) for m in mods)
+    return (sum(m.kv_core.bytes_per_token(dtype) * len(m.kv_core.layers) for m in mods)
             + sum(s.kv_values_per_token() * size for s in others))
 
 
@@ -405,7 +438,7 @@ def kv_cache_bytes(model: nn.Module, tokens: int, batch: int = 1, dtype: torch.d
     total = 0
     for m in mods:
         n = tokens if m.site.window is None or m.kv_core.plan.positional else min(tokens, m.site.window - 1)
-        total += m.kv_core.cache_bytes(n, dtype, batch)
+        total += m.kv_core.cache_bytes(n, dtype, batch) * len(m.kv_core.layers)
     for s in others:
         n = tokens if s.window is None else min(tokens, s.window - 1)
         total += batch * n * s.kv_values_per_token() * size

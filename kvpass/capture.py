@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,9 @@ class Captured:
     out_spec: pytree.TreeSpec
     env: dict[fx.Node, object] = field(default_factory=dict, repr=False)
     sample: dict = field(default_factory=dict, repr=False)
+    #: the graph returns ``(output, writes)``: ``writes[arg][key]`` is what the module stored
+    #: into its mapping argument ``arg`` (state containers, e.g. K/V shared across layers)
+    writes: bool = False
 
     @property
     def graph(self) -> fx.Graph:
@@ -172,23 +176,35 @@ def _dynamic_shapes(kwargs: dict):
 
 
 class _Root(nn.Module):
-    """Calls the captured module with one dict of keyword arguments (export-friendly)."""
+    """Calls the captured module with one dict of keyword arguments (export-friendly).
 
-    def __init__(self, mod: nn.Module):
+    ``states``: the mapping arguments.  A module may store into one (Gemma 4 keeps the K/V a
+    later layer reuses in a dict passed down the layers); export rebuilds its inputs, so such
+    a store would vanish from the graph.  The entries stored are returned as a second output,
+    ``{arg: {key: value}}``, for the caller to store into the real container."""
+
+    def __init__(self, mod: nn.Module, states: tuple[str, ...] = ()):
         super().__init__()
         self.kvroot = mod
+        self.states = states
 
     def forward(self, inputs: dict):
-        return self.kvroot(**inputs)
+        if not self.states:
+            return self.kvroot(**inputs)
+        before = {n: dict(inputs[n]) for n in self.states}
+        out = self.kvroot(**inputs)
+        writes = {n: {k: v for k, v in inputs[n].items() if k not in before[n] or v is not before[n][k]}
+                  for n in self.states}
+        return out, writes
 
 
-def _export(module: nn.Module, kwargs: dict):
+def _export(module: nn.Module, kwargs: dict, states: tuple[str, ...] = ()):
     logging.getLogger("torch._export").setLevel(logging.ERROR)  # 0/1 specialisation notes
     shapes = (_dynamic_shapes(kwargs),)
     errors = []
     for strict in (False, True):
         try:
-            return torch.export.export(_Root(module), (kwargs,), dynamic_shapes=shapes, strict=strict)
+            return torch.export.export(_Root(module, states), (kwargs,), dynamic_shapes=shapes, strict=strict)
         except Exception as e:  # noqa: BLE001 - report both attempts below
             errors.append(f"{'strict' if strict else 'non-strict'} export: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
@@ -222,16 +238,21 @@ def sample_env(gm: fx.GraphModule, leaves: list) -> dict:
 
 
 def capture_call(module: nn.Module, kwargs: dict, *, run: bool = True) -> Captured:
-    """Capture ``module(**kwargs)`` (a flat keyword dict, see :func:`bind_call`)."""
+    """Capture ``module(**kwargs)`` (a flat keyword dict, see :func:`bind_call`).
+
+    Mapping arguments are traced as plain dicts (export flattens no other mapping type), and
+    what the module stores into them comes back as a second graph output (:class:`_Root`)."""
+    states = tuple(k for k, v in kwargs.items() if isinstance(v, Mapping))
+    kwargs = {k: dict(v) if k in states else v for k, v in kwargs.items()}
     leaves_with_paths, _ = pytree.tree_flatten_with_path(kwargs)
-    ep = _export(module, kwargs)
+    ep = _export(module, kwargs, states)
     gm = _unlifted(ep)
     paths = [pytree.keystr(p) for p, _ in leaves_with_paths]
     leaves = [v for _, v in leaves_with_paths]
     n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if n_in != len(leaves):
         raise CaptureError(f"{type(module).__name__}: graph has {n_in} inputs, call has {len(leaves)}")
-    cap = Captured(gm, paths, ep.call_spec.out_spec, sample=kwargs)
+    cap = Captured(gm, paths, ep.call_spec.out_spec, sample=kwargs, writes=bool(states))
     if run:
         cap.env = sample_env(gm, leaves)
     return cap

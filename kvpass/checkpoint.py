@@ -65,6 +65,11 @@ def _layers(model: nn.Module) -> list[KVAttention]:
     mods = [m for m in model.modules() if isinstance(m, KVAttention)]
     if getattr(model, "_kvpass", None) is None or not mods:
         raise CheckpointError("save_pretrained needs a model returned by kvpass.optimize()")
+    shared = [m.site.name for m in mods if len(m.kv_core.layers) > 1]
+    if shared:
+        raise CheckpointError(f"{shared[0]} runs layers {list(mods[0].kv_core.layers)} with one module (its "
+                              "weights shared across layers): kvpass checkpoints record one module per layer, "
+                              "so saving such a model is not supported in this version")
     return mods
 
 

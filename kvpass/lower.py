@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,10 @@ class KVCore(nn.Module):
     def __init__(self, spec: CoreSpec, forms: tuple[Form, ...], layer_idx: int):
         super().__init__()
         self.spec, self.forms, self.layer_idx = spec, forms, layer_idx
+        #: the layers this core serves: one, or several where one module runs for several layers
+        #: (ALBERT's shared layer, HRM's recurrent stacks); each call then takes the next one's
+        #: cache slot, in call order, counted per cache
+        self.layers: tuple[int, ...] = (layer_idx,)
         self.plan = LayerPlan()
         self.latent = None  # a kvpass.latent.Latent (MHC), registered when set
         self.taps: list = []
@@ -218,7 +223,17 @@ class KVCore(nn.Module):
             out = out.permute(order).contiguous().permute(_inverse(order))
         return out
 
+    def _next_slot(self) -> None:
+        """A core serving several layers: this call's layer (its cache slot), in call order."""
+        if len(self.layers) == 1 or self._cache is None:
+            return
+        counts = self._cache.__dict__.setdefault("_kvpass_calls", {})
+        i = counts.get(id(self), 0)
+        counts[id(self)] = i + 1
+        self.layer_idx = self.layers[i % len(self.layers)]
+
     def _forward(self, q, k=None, v=None, mask=None):
+        self._next_slot()
         for tap in self.taps:
             tap(q, k, v)
         if self.plan.positional:
@@ -493,7 +508,7 @@ def _leaf_paths(obj, prefix: str, out: dict) -> bool:
     ``pytree.keystr`` spells it (``['key'][0]``); ~15x cheaper than pytree's walk on a decode
     step.  False if ``obj`` holds anything else (the caller then asks pytree)."""
     t = type(obj)
-    if t is dict:
+    if t is dict or isinstance(obj, Mapping):
         return all(_leaf_paths(v, f"{prefix}[{k!r}]", out) for k, v in obj.items())
     if t is tuple or t is list:
         return all(_leaf_paths(v, f"{prefix}[{i}]", out) for i, v in enumerate(obj))
@@ -523,6 +538,7 @@ class KVAttention(nn.Module):
         self._forward_of = original.forward
         self._paths = cap.input_paths
         self._out_spec = cap.out_spec
+        self._writes = cap.writes  # the graph also returns what the module stores into mapping args
         self._consts = dict(zip(cap.input_paths, pytree.tree_leaves(cap.sample)))
         self.site = dataclasses.replace(site, nodes=None)  # the facts, without graph handles
         n = local.nodes  # nodes of our own graph that passes rewire (MHC), by name (deepcopy-safe)
@@ -552,7 +568,14 @@ class KVAttention(nn.Module):
             out = self._graph[0](*leaves)
         finally:
             self.kv_core._cache = None
-        return pytree.tree_unflatten(list(out), self._out_spec)
+        out = pytree.tree_unflatten(list(out), self._out_spec)
+        if not self._writes:
+            return out
+        out, writes = out
+        for name, items in writes.items():  # stores into the caller's containers, as the module did
+            if items and isinstance(flat.get(name), Mapping):
+                flat[name].update(items)
+        return out
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -596,17 +619,21 @@ class KVAttention(nn.Module):
 
 
 def record_calls(model: nn.Module, names: list[str], run) -> dict[str, dict]:
-    """Run ``run()`` once and record the flat keyword call of each named module."""
-    calls: dict[str, dict] = {}
+    """Run ``run()`` once and record the flat keyword call of each named module (its first
+    call); ``calls.counts[name]``: how many times the forward called it."""
+    calls = _Calls()
     hooks = []
     for name in names:
         mod = model.get_submodule(name)
 
         def hook(m, args, kwargs, name=name):
+            calls.counts[name] = calls.counts.get(name, 0) + 1
             if name not in calls:
                 flat = bind_call(m, args, kwargs)
                 cs = find_caches(flat)
-                calls[name] = {k: (None if any(v is c for c in cs) else v) for k, v in flat.items()}
+                # mapping arguments as they are at this call (later layers may store into them)
+                calls[name] = {k: (None if any(v is c for c in cs) else dict(v) if isinstance(v, Mapping) else v)
+                               for k, v in flat.items()}
 
         hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -616,6 +643,14 @@ def record_calls(model: nn.Module, names: list[str], run) -> dict[str, dict]:
         for h in hooks:
             h.remove()
     return calls
+
+
+class _Calls(dict):
+    """Recorded calls by module name, with ``counts``: calls per module in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
 
 
 class _NoReuse(Exception):
@@ -699,8 +734,8 @@ class CaptureReuse:
     def lookup(self, sig, original: nn.Module, call: dict) -> Captured | None:
         """A capture of ``original(**call)`` from an earlier layer of signature ``sig``."""
         hit = self._by_sig.get(sig) if sig is not None else None
-        if hit is None:
-            return None
+        if hit is None or any(isinstance(v, Mapping) for v in call.values()):
+            return None  # (a call with state containers: the check below would store into them)
         pristine, first, paths, out_spec = hit
         rel = {id(t): k for k, t in _tensors(first).items()}
         mine = _tensors(original)
@@ -741,9 +776,10 @@ class CaptureReuse:
 
 
 def lower_site(model: nn.Module, site: AttentionSite, call: dict, forms: tuple[Form, ...],
-               reuse: CaptureReuse | None = None) -> KVAttention:
+               reuse: CaptureReuse | None = None, layers: tuple[int, ...] | None = None) -> KVAttention:
     """Capture the site's owning module, swap its core for a KVCore, install the result.
-    ``reuse``: captures shared across layers that trace the same code (module docstring)."""
+    ``reuse``: captures shared across layers that trace the same code (module docstring).
+    ``layers``: the layers a module called once per layer runs (default: the site's own)."""
     original = model.get_submodule(site.name)
     sig = reuse.signature(site, original, call) if reuse is not None else None
     cap = reuse.lookup(sig, original, call) if sig is not None else None
@@ -759,6 +795,7 @@ def lower_site(model: nn.Module, site: AttentionSite, call: dict, forms: tuple[F
                         f"found {len(found)}" + (f" (passed over: {why[0]})" if why else ""))
     local = found[0]
     core = KVCore(CoreSpec.of(local), forms, site.layer)
+    core.layers = tuple(layers or (site.layer,))
     gm = _rewrite(cap, local, core)
     new = KVAttention(original, gm, cap, core, site, local)
     parent, _, leaf = site.name.rpartition(".")

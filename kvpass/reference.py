@@ -102,9 +102,9 @@ def attention(
     ``alibi[h] · p`` (ALiBi, as BLOOM and MPT add it; a per-query constant, which softmax does
     not see, is left out), so a cache that keeps keys by position recomputes the model's bias.
 
-    ``sink_logits`` ([H], gpt-oss style): one more logit per query head joins every row's
-    softmax and its probability is dropped (a key that every query sees, with value zero), so
-    a head can attend to "nothing".
+    ``sink_logits`` ([H], gpt-oss style, or [B, H, Sq, 1] computed per query): one more logit
+    per query head joins every row's softmax and its probability is dropped (a key that every
+    query sees, with value zero), so a head can attend to "nothing".
 
     ``kv_head_map[h]`` is the KV head query head ``h`` reads (default: contiguous groups).
     ``mask`` is a graph's own mask, broadcastable to [B, H, Sq, Sk]: bool (True = keep) or
@@ -139,7 +139,8 @@ def attention(
             vis = vis & torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min)
     scores = scores.masked_fill(~vis, float("-inf"))
     if sink_logits is not None:  # one more column per head, dropped after the softmax
-        col = sink_logits.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        col = sink_logits.float()
+        col = (col.view(1, -1, 1, 1) if col.dim() == 1 else col).expand(*scores.shape[:-1], 1)
         probs = torch.softmax(torch.cat([scores, col], -1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)

@@ -291,7 +291,7 @@ def _eager_core(sm: fx.Node, env: dict | None = None) -> tuple[_Core | None, str
             found = _sink_logits(cur) if sinks is None else None
             if found is None:
                 problems.append(f"extra logits concatenated to the scores (node {cur.name}) that are not one "
-                                "per-head sink logit")
+                                "sink logit per head (or per head and query)")
             else:
                 sinks = found
                 inner.add(cur)
@@ -489,7 +489,8 @@ def _join_bias(sm: fx.Node, mask, kind: str, biases: list[fx.Node], heads: int, 
 
 def _sink_logits(cat: fx.Node) -> fx.Node | None:
     """For ``cat([scores, s], -1)`` with ``s`` a [H] parameter broadcast to [B, H, Sq, 1]: the
-    [H] node (sink logits, one per head), else None."""
+    [H] node (sink logits, one per head); with ``s`` computed per query ([B, H, Sq, 1], e.g. a
+    projection of the hidden state): that node; else None."""
     parts = cat.args[0] if isinstance(cat.args[0], (list, tuple)) else []
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     shp = _shape(cat)
@@ -505,8 +506,10 @@ def _sink_logits(cat: fx.Node) -> fx.Node | None:
         if val is not None and len(val) == 1 and str(val[0]) == str(shp[1]):
             return cur
         if not gu.is_movement(cur) or not gu.tensor_args(cur):
-            return None
+            break
         cur = gu.tensor_args(cur)[0]
+    if tuple(str(x) for x in side_shape) == tuple(str(x) for x in (*shp[:3], 1)):
+        return side  # one logit per (batch, head, query): computed from the query's token
     return None
 
 
@@ -651,15 +654,36 @@ def _cores(graph: fx.Graph, env: dict | None = None) -> tuple[list[_Core], list[
     out, passed = [], []
     for n in graph.nodes:
         op = gu.op_name(n)
+        c, why = None, None
         if op == "scaled_dot_product_attention":
-            out.append(_sdpa_core(n))
+            c = _sdpa_core(n)
         elif op in SOFTMAX_OPS:
             c, why = _eager_core(n, env)
-            if c is not None:
+        if c is not None:
+            why = _not_over_tokens(c)
+            if why is None:
                 out.append(c)
-            elif why:
-                passed.append(why)
+                continue
+        if why:
+            passed.append(why)
     return out, passed
+
+
+def _not_over_tokens(c: _Core) -> str | None:
+    """Why core ``c`` attends over something other than tokens (None: it is token attention).
+
+    Heads are fixed by the weights, so a query whose head axis has a dynamic size (the traced
+    sequence length) while its key axis has a fixed one mixes a fixed set of entries at each
+    position: e.g. attention over the outputs of earlier layers (Inkling's block residuals).
+    Such a core keeps no per-token keys, so there is no KV cache to rewrite."""
+    qs, ks = _shape(c.q), _shape(c.k)
+    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
+        return None
+    heads, keys = qs[1], ks[2]
+    if isinstance(heads, torch.SymInt) and not isinstance(keys, torch.SymInt):
+        return (f"{gu.op_name(c.out)} {c.out.name}: attends over {keys} fixed entries per position (its "
+                f"head axis has the dynamic size {heads}): not attention over tokens, no KV cache")
+    return None
 
 
 # ------------------------------------------------------------------------------ key paths

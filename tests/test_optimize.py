@@ -175,3 +175,66 @@ def test_layers_reuse_one_capture_only_where_they_trace_the_same(name, monkeypat
     alone_sites = {m.site.name: m.site for m in alone.modules() if isinstance(m, KVAttention)}
     assert {k: (s.window, s.scale) for k, s in sites.items()} == \
         {k: (s.window, s.scale) for k, s in alone_sites.items()}
+
+
+def test_modules_that_store_into_a_state_argument_keep_storing():
+    """Gemma 4 passes a dict down the layers; producers store their K/V in it and later
+    (KV-shared) layers read them.  A lowered producer must still store into the caller's dict:
+    if the store were lost, the consumers would fail or attend to nothing."""
+    from transformers import AutoConfig, Gemma4ForCausalLM
+
+    from kvpass import zoo
+
+    cfg = zoo.shrink_config(AutoConfig.for_model("gemma4_text"))
+    cfg.num_hidden_layers, cfg.num_kv_shared_layers = 4, 2
+    cfg.layer_types = ["sliding_attention", "full_attention"] * 2
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(cfg).float().eval()
+    assert [layer.self_attn.is_kv_shared_layer for layer in model.model.layers] == [False, False, True, True]
+    fast = kvpass.optimize(model)
+    lowered = [n for n, m in fast.named_modules() if isinstance(m, KVAttention)]
+    assert lowered == ["model.layers.0.self_attn", "model.layers.1.self_attn"]  # the producers
+    ids = torch.randint(1, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(fast(ids).logits, model(ids).logits)
+    g = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, **g), model.generate(ids, **g))
+    # the consumers' K/V come from other layers: forms that change them are refused, by name
+    with pytest.raises(kvpass.KVPassError, match="model.layers: the module runs 2 attention cores"):
+        kvpass.optimize(model, kvpass.Window(4, sinks=1))
+
+
+def test_a_module_called_for_several_layers_gets_one_cache_slot_per_call():
+    """HRM runs each attention module of its stacks several times per forward (its layers
+    share weights): one core serves all those layers, each call in its own cache slot, so
+    generation with a cache equals the original's and the cache counts every layer."""
+    from transformers import DynamicCache
+
+    from kvpass import zoo
+
+    model = zoo.build("hrm_text")
+    fast = kvpass.optimize(model)
+    shared = fast._kvpass.shared_modules
+    assert len(shared) == 4 and sorted(i for ls in shared.values() for i in ls) == list(range(16))
+    ids = torch.randint(1, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (fast(ids).logits - model(ids).logits).abs().max() < 1e-5
+    g = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast.generate(ids, **g), model.generate(ids, **g))
+    with torch.no_grad():  # decode steps on a cache, logit by logit
+        steps = []
+        for m in (model, fast):
+            cache = DynamicCache()
+            logits = [m(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+            for t in range(5, 9):
+                out = m(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+            steps.append(torch.cat(logits, 1))
+        assert (steps[0] - steps[1]).abs().max() < 1e-5
+    assert kvpass.kv_bytes_per_token(fast) == sum(s.kv_values_per_token() * 4 for s in fast._kvpass.sites)
+    win = kvpass.optimize(model, kvpass.Window(4, sinks=1))
+    cache = win(ids, use_cache=True).past_key_values
+    assert cache_nbytes(cache) == kvpass.kv_cache_bytes(win, 9, batch=2) < kvpass.kv_cache_bytes(fast, 9, batch=2)
+    # one module's layers cannot take different forms
+    with pytest.raises(kvpass.KVPassError, match="give them the same forms"):
+        kvpass.optimize(model, kvpass.Policy(layers={0: kvpass.Window(4, sinks=1)}))
