@@ -621,14 +621,14 @@ def test_compiles_for_sm90(tmp_path):
 
 @pytest.mark.skipif(ON_GPU, reason="--tiny runs the interpreter; this process compiles")
 def test_bench_tiny(tmp_path):
-    """bench/kernels.py --tiny runs here (CPU, interpreter) and writes its JSON: every side
+    """bench/kernel_speed.py --tiny runs here (CPU, interpreter) and writes its JSON: every side
     (kvpass, SDPA, FlexAttention with the same block mask) equals the reference, work is
     counted from the visible pairs, the latent row is compared with the case it replaces."""
     import importlib.util
     import json
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "bench" / "kernels.py"
+    path = Path(__file__).parents[1] / "bench" / "kernel_speed.py"
     mspec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(mspec)
     sys.modules[mspec.name] = bench  # dataclasses look their module up

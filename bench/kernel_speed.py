@@ -1,7 +1,7 @@
 """Generated kvpass attention kernels vs PyTorch's SDPA and FlexAttention, in one run.
 
-    python bench/kernels.py bench/results/h200_kernels.json           # CUDA: bf16, < 5 min on an H200
-    python bench/kernels.py out.json --tiny                           # CPU: small shapes, interpreter
+    python bench/kernel_speed.py bench/results/h200_kernels.json           # CUDA: bf16, < 5 min on an H200
+    python bench/kernel_speed.py out.json --tiny                           # CPU: small shapes, interpreter
 
 On a machine without CUDA (and without ``--tiny``) it says so and exits 0.
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        print("bench/kernels.py measures GPU kernels and needs CUDA; none here (use --tiny to "
+        print("bench/kernel_speed.py measures GPU kernels and needs CUDA; none here (use --tiny to "
               "run small shapes on CPU under the Triton interpreter). Nothing measured.")
         return
     dtype = torch.float32 if args.tiny else torch.bfloat16
