@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from kvpass import models
-from kvpass.evaluate_basic import quality_scorer
-from kvpass.text import load_text, token_chunks
+from kvpass.assets import models
+from kvpass.assets.text import load_text, token_chunks
+from kvpass.eval.perplexity import quality_scorer
 
 
 def add_quality_args(ap: argparse.ArgumentParser, eval_len: int) -> None:

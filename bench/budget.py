@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import kvpass
-from kvpass import models
-from kvpass.evaluation import evaluate
+from kvpass.assets import models
+from kvpass.eval.compare import evaluate
 
 
 def uniform(model, kv_context: int, ratio: float) -> dict[str, object]:

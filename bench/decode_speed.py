@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import kvpass
-from kvpass import models
-from kvpass.cache import cache_nbytes
+from kvpass.assets import models
+from kvpass.runtime.cache import cache_nbytes
 
 
 def _prefill(model, ids, config, chunk: int = 1024) -> dict:

@@ -13,7 +13,7 @@ FlexAttention (``torch.nn.attention.flex_attention``, compiled, with the *same* 
 
 - prefill TFLOP/s from an explicit count of the work each side does: ``4·B·H·D·pairs``,
   ``pairs`` = the visible (query, key) pairs of the form, counted from
-  :func:`kvpass.reference.visibility` (the form's meaning) -- so a window or a block table
+  :func:`kvpass.semantics.reference.visibility` (the form's meaning) -- so a window or a block table
   counts only what it keeps.  SDPA's count is its own (full causal/bidirectional) work.
 - decode GB/s from the bytes of cache actually read (K and V of the stored heads, or the
   latent plus its per-head weights) plus q and out.
@@ -108,7 +108,7 @@ def visible_pairs(c: Case, device="cpu") -> int:
     """Visible (query, key) pairs of the form, from the reference's own rule (rows chunked)."""
     import torch
 
-    from kvpass import reference
+    from kvpass.semantics import reference
 
     table = block_table(c).to(device) if c.sparse else None
     k_pos = torch.arange(c.Sk, device=device)[None]
@@ -163,7 +163,7 @@ def timer(device: str):
 def _latent_inputs(c: Case, device, dtype, gen):
     import torch
 
-    from kvpass.reference import LatentWeights
+    from kvpass.semantics.reference import LatentWeights
 
     d, r, hkv = c.D, c.rank, c.Hkv
     part = torch.cat([torch.arange(d // 2, d), torch.arange(d // 2)])
@@ -207,8 +207,8 @@ def run_case(c: Case, device: str, dtype, bench, base_rows: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kvpass import reference
-    from kvpass.codegen import KernelSpec, decode, prefill
+    from kvpass.kernels import KernelSpec, decode, prefill
+    from kvpass.semantics import reference
 
     gen = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Rebuild the bundled evaluation / calibration texts in ``kvpass/texts/``.
+"""Rebuild the bundled evaluation / calibration texts in ``kvpass/assets/texts/``.
 
 Source: Jane Austen's novels (public domain) as shipped by the Debian package
 ``r-cran-janeaustenr`` (the R package ``janeaustenr``, MIT-licensed packaging of
@@ -31,7 +31,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "kvpass" / "texts"
+OUT_DIR = Path(__file__).resolve().parent.parent / "kvpass" / "assets" / "texts"
 DATA_DIR = "usr/lib/R/site-library/janeaustenr/data/"
 # file name -> (R object name, excerpt size in characters)
 OUTPUTS = {

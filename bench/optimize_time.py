@@ -2,11 +2,11 @@
 
 Times, on the bundled model (default SmolLM2-135M), each step a user waits for:
 
-- ``load``: :func:`kvpass.models.load` (weights from the bundled package);
-- ``capture``: one whole-model ``torch.export`` trace (:func:`kvpass.capture.capture`);
-- ``find_sites``: discovery on that graph (:func:`kvpass.sites.find_sites_in`);
+- ``load``: :func:`kvpass.assets.models.load` (weights from the bundled package);
+- ``capture``: one whole-model ``torch.export`` trace (:func:`kvpass.graph.capture.capture`);
+- ``find_sites``: discovery on that graph (:func:`kvpass.graph.sites.find_sites_in`);
 - ``optimize Full()`` / ``optimize Window``: the whole :func:`kvpass.optimize` call, once with
-  per-layer capture reuse (the default, :class:`kvpass.lower.CaptureReuse`) and once with reuse
+  per-layer capture reuse (the default, :class:`kvpass.transform.lower.CaptureReuse`) and once with reuse
   switched off (every layer traced on its own, the behaviour before reuse), with the ratio.
 
 Each reused result is checked against the original model (max |logit difference| on real text),
@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 import kvpass
-from kvpass import lower, models
-from kvpass.capture import capture
-from kvpass.sites import find_sites_in
-from kvpass.text import load_text
+from kvpass.assets import models
+from kvpass.assets.text import load_text
+from kvpass.graph.capture import capture
+from kvpass.graph.sites import find_sites_in
+from kvpass.transform import lower
 
 ROOT = Path(__file__).resolve().parent.parent
 

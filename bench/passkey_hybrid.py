@@ -9,10 +9,10 @@ import time
 import torch
 
 import kvpass
-from kvpass import models
-from kvpass.evaluate import passkey_accuracy, passkey_prompt
-from kvpass.lower import KVCore
-from kvpass.text import load_text
+from kvpass.assets import models
+from kvpass.assets.text import load_text
+from kvpass.eval.long_range import passkey_accuracy, passkey_prompt
+from kvpass.runtime.core import KVCore
 
 model, tok = models.load("smollm2-135m")
 fast = kvpass.optimize(model, kvpass.Full())

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import kvpass
-from kvpass import models
-from kvpass.evaluate_basic import perplexity
-from kvpass.text import load_text, token_chunks
+from kvpass.assets import models
+from kvpass.assets.text import load_text, token_chunks
+from kvpass.eval.perplexity import perplexity
 
 Q = kvpass.Quantize
 W512 = kvpass.Window(512, sinks=4)

@@ -11,7 +11,7 @@ tokens, layer by layer -- and ``MHC(ratio=2, method="svd")``; bf16 output) and r
 
 - wall seconds and throughput (checkpoint MB / s; fastest of ``--repeat`` runs, after
   ``sync``) of the rewrite itself (``main()`` after torch, transformers' model classes and
-  kvpass are imported: ``kvpass.models`` pulls in ``transformers.modeling_utils``, which
+  kvpass are imported: ``kvpass.assets.models`` pulls in ``transformers.modeling_utils``, which
   ``import transformers`` alone defers -- 2.7 s here), and of the whole command (interpreter
   start and all imports included).  Capturing the one-layer twin (two ``torch.export`` calls,
   about 4 s) is counted in both: a fixed cost per run, so the throughput grows with depth
@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvpass.text import ALIASES, TEXTS_DIR
+from kvpass.assets.text import ALIASES, TEXTS_DIR
 
 HIDDEN, HEADS, KV_HEADS, INTER, HEAD_DIM = 4096, 32, 8, 14336, 128
 POLICIES = {"shared_kv": "shared_kv:kv_heads=4", "mhc": "mhc:ratio=2", "mhc_svd": "mhc:ratio=2,method=svd"}
@@ -57,7 +57,7 @@ def make_checkpoint(folder: Path, layers: int) -> tuple[int, int]:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
-    from kvpass import models
+    from kvpass.assets import models
 
     tok = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
     folder.mkdir(parents=True)
@@ -96,7 +96,7 @@ def _numel(shape) -> int:
 # peak RSS as this process's own high-water mark (VmHWM): getrusage's ru_maxrss survives
 # exec, so a child would report the bench parent's peak (it held the synthetic checkpoint)
 RUNNER = ("import re, sys, time\n"
-          "import torch, transformers, kvpass.models, kvpass.rewrite, kvpass.stream  # imports are not the rewrite\n"
+          "import torch, transformers, kvpass.assets.models, kvpass.checkpoint.rewrite, kvpass.checkpoint.stream  # imports are not the rewrite\n"
           "from kvpass.cli import main\n"
           "t = time.perf_counter(); rc = main(sys.argv[1:]); dt = time.perf_counter() - t\n"
           "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"

@@ -12,7 +12,7 @@ full layers are chosen on the calibration text, Persuasion, never on the evaluat
 
 Hybrids: full attention on a few layers, windows elsewhere — fixed layers (``--hybrid-full``),
 the layers with most far attention (``--hybrid-auto``), and ``--search-full`` layers chosen by
-a greedy pass-key search (:func:`kvpass.passes.window.retrieval_layers`, ~30 min on 2 cores)
+a greedy pass-key search (:func:`kvpass.search.hybrid.retrieval_layers`, ~30 min on 2 cores)
 with the largest window that keeps the cache at ``--len-b`` tokens within 1/4 of the original's.
 
     python bench/window_sparse.py --json bench/results/window_sparse_smollm2.json \\
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 
 import kvpass
-from kvpass import models
-from kvpass.cache import cache_nbytes, find_caches
-from kvpass.evaluate import passkey_accuracy, passkey_retained, perplexity_by_position, plot_passkey
-from kvpass.evaluate_basic import perplexity
-from kvpass.passes.window import far_attention, hybrid_layers, hybrid_window, retrieval_layers
-from kvpass.text import load_text, token_chunks
+from kvpass.assets import models
+from kvpass.assets.text import load_text, token_chunks
+from kvpass.eval.long_range import passkey_accuracy, passkey_retained, perplexity_by_position, plot_passkey
+from kvpass.eval.perplexity import perplexity
+from kvpass.runtime.cache import cache_nbytes, find_caches
+from kvpass.search.hybrid import far_attention, hybrid_layers, hybrid_window, retrieval_layers
 
 W = kvpass.Window
 
@@ -128,11 +128,11 @@ def main() -> None:
                     help="also a hybrid keeping full the k layers with most far attention on calibration text")
     ap.add_argument("--search-full", type=int, default=6,
                     help="also a hybrid of this many full layers chosen by a greedy pass-key search on calibration "
-                         "text (kvpass.passes.window.retrieval_layers), the largest window that keeps the cache at "
+                         "text (kvpass.search.hybrid.retrieval_layers), the largest window that keeps the cache at "
                          "len-b <= 1/4 elsewhere (0: skip)")
     ap.add_argument("--searched-layers", type=int, nargs="+", default=None,
                     help="skip the search: these layers (from an earlier run's JSON 'retrieval_search')")
-    ap.add_argument("--text", default="eval", help="held-out text (kvpass.text.load_text name or a file)")
+    ap.add_argument("--text", default="eval", help="held-out text (kvpass.assets.text.load_text name or a file)")
     ap.add_argument("--ppl-only", action="store_true",
                     help="only the len-a perplexity (e.g. over more chunks: --chunks-a 22); no search, no generation")
     ap.add_argument("--only", nargs="*", default=None, help="substrings of policy labels to run")

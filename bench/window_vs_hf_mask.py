@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import kvpass
-from kvpass import models
-from kvpass.text import load_text, token_chunks
+from kvpass.assets import models
+from kvpass.assets.text import load_text, token_chunks
 
 
 def window_mask(n: int, window: int, sinks: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The automatic zoo: every transformers text architecture through kvpass, one command.
 
-Runs :func:`kvpass.zoo.run` over every causal-LM and text-encoder model type transformers
-registers (tiny random builds; see :mod:`kvpass.zoo`), writes the rows and the summary to
+Runs :func:`kvpass.eval.zoo.run` over every causal-LM and text-encoder model type transformers
+registers (tiny random builds; see :mod:`kvpass.eval.zoo`), writes the rows and the summary to
 ``bench/results/zoo.json`` and regenerates the README's zoo section (between the
 ``<!-- zoo:start -->`` / ``<!-- zoo:end -->`` markers) from that file.
 
@@ -25,7 +25,7 @@ START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
 
 
 def readme_section(data: dict) -> str:
-    from kvpass import zoo
+    from kvpass.eval import zoo
 
     rows = data["rows"]
     s = data["summary"]
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(RESULTS))
     ap.add_argument("--readme-only", action="store_true", help="regenerate README from --json")
     args = ap.parse_args(argv)
-    from kvpass import zoo
+    from kvpass.eval import zoo
 
     if args.readme_only:
         update_readme(json.loads(Path(args.json).read_text()))

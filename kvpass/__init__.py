@@ -5,16 +5,23 @@
     ['full', 'mhc', 'quantize', 'shared_kv', 'sparse', 'window']
 """
 
-from . import evaluate  # a callable module: kvpass.evaluate(model, policies, tokenizer)
-from .api import Report, kv_bytes_per_token, kv_cache_bytes, optimize, retarget
-from .backend import register_backend
-from .capture import Captured, capture
-from .checkpoint import from_pretrained, save_pretrained
+from . import _compat
+from .checkpoint.format import from_pretrained, save_pretrained
+from .compile.backend import register_backend
 from .errors import CaptureError, InputError, KVPassError, PolicyError, SiteError
-from .policy import FORMS, MHC, Form, Full, Policy, Quantize, SharedKV, Sparse, Window
-from .sites import AttentionSite, find_sites
+from .eval.compare import evaluate
+from .graph.capture import Captured, capture
+from .graph.sites import AttentionSite, find_sites
+from .ir.forms import FORMS, MHC, Form, Full, Quantize, SharedKV, Sparse, Window
+from .ir.policy import Policy
+from .runtime.accounting import kv_bytes_per_token, kv_cache_bytes
+from .search import budget as _budget  # noqa: F401 - registers Policy.budget
+from .transform.driver import Report
+from .transform.optimize import optimize, retarget
 
-__version__ = "0.1.0"
+_compat.install()  # old module paths (kvpass.api, kvpass.lower, ...) for one release
+
+__version__ = "0.2.0"
 __all__ = [
     "optimize", "retarget", "kv_bytes_per_token", "kv_cache_bytes", "Report",
     "capture", "Captured", "find_sites", "AttentionSite",

@@ -35,7 +35,7 @@ def _form_keys() -> str:
     """The form kinds and their keys (from the form classes themselves), for --help."""
     import dataclasses
 
-    from .policy import FORMS
+    from .ir.forms import FORMS
 
     rows = [f"  {kind:<10} " + (", ".join(f.name for f in dataclasses.fields(cls)) or "(no keys)")
             for kind, cls in FORMS.items()]
@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_zoo(args) -> int:
-    from . import zoo
+    from .eval import zoo
 
     fams = zoo.families()
     if args.only:
@@ -207,9 +207,10 @@ def cmd_demo(args) -> int:
 
     import torch
 
-    from . import models
-    from .evaluation import evaluate
-    from .policy import Policy, Quantize
+    from .assets import models
+    from .eval.compare import evaluate
+    from .ir.forms import Quantize
+    from .ir.policy import Policy
 
     t0 = time.time()
     print("loading smollm2-135m ...", file=sys.stderr)
@@ -237,11 +238,11 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from . import models
-    from .evaluation import evaluate
-    from .policy import Policy
-    from .rewrite import parse_policy
-    from .text import load_text
+    from .assets import models
+    from .assets.text import load_text
+    from .checkpoint.rewrite import parse_policy
+    from .eval.compare import evaluate
+    from .ir.policy import Policy
 
     policies = {p: parse_policy(p) for p in args.policy}
     text = load_text(args.text) if args.text else None
@@ -275,13 +276,13 @@ def cmd_eval(args) -> int:
 
 
 def _visibility(policy) -> bool:
-    from .evaluation import _visibility_only
+    from .eval.compare import policy_visibility_only
 
-    return _visibility_only(policy)
+    return policy_visibility_only(policy)
 
 
 def cmd_rewrite(args) -> int:
-    from .rewrite import main_summary, parse_policy, rewrite
+    from .checkpoint.rewrite import main_summary, parse_policy, rewrite
 
     policy = parse_policy(args.policy)
     warning = catastrophic_default(policy, args.heal)
@@ -298,7 +299,7 @@ def cmd_rewrite(args) -> int:
 def catastrophic_default(policy, heal: int) -> str | None:
     """A warning for a policy whose lossy default is known to wreck a trained model, else None.
 
-    >>> from kvpass.rewrite import parse_policy
+    >>> from kvpass.checkpoint.rewrite import parse_policy
     >>> catastrophic_default(parse_policy("shared_kv:kv_heads=1"), heal=0)[:40]
     'SharedKV(merge=mean) without --heal is k'
     >>> catastrophic_default(parse_policy("shared_kv:kv_heads=1,merge=calibrated"), heal=150) is None
@@ -313,7 +314,7 @@ def catastrophic_default(policy, heal: int) -> str | None:
 
 
 def cmd_kernels(args) -> int:
-    from . import codegen
+    from . import kernels as codegen
 
     if args.spec:
         spec = codegen.KernelSpec.from_json(args.spec)
@@ -337,9 +338,9 @@ def cmd_kernels(args) -> int:
 def cmd_inspect(args) -> int:
     import torch
 
-    from . import models
-    from .rewrite import check_safetensors
-    from .sites import find_sites
+    from .assets import models
+    from .checkpoint.rewrite import check_safetensors
+    from .graph.sites import find_sites
 
     t0 = time.time()
     print(f"loading {args.model} ...", file=sys.stderr)

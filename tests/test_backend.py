@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpass
-from kvpass.backend import counters
+from kvpass.compile.backend import counters
 
 
 def test_entry_point_in_a_fresh_process():
@@ -21,7 +21,7 @@ def test_entry_point_in_a_fresh_process():
             "fn = torch._dynamo.lookup_backend('kvpass')\n"
             "print(before, fn.__module__, 'kvpass' in torch._dynamo.list_backends())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.stdout.split() == ["False", "kvpass.backend", "True"], out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "kvpass.compile.backend", "True"], out.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from test_rewrite import _digest, _tiny_llama
 
 import kvpass
-from kvpass.checkpoint import files_sha256, out_lock
+from kvpass.assets.models import check_gguf
+from kvpass.checkpoint.format import files_sha256, out_lock
+from kvpass.checkpoint.rewrite import check_safetensors, parse_policy
 from kvpass.cli import main
-from kvpass.models import check_gguf
-from kvpass.policy import Policy
-from kvpass.rewrite import check_safetensors, parse_policy
+from kvpass.ir.policy import Policy
 
 POLICY = ["--policy", "shared_kv:kv_heads=1"]
 

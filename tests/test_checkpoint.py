@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass.checkpoint import CheckpointError
+from kvpass.checkpoint.format import CheckpointError
 
 CALIB = torch.randint(1, fam.VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
 IDS = torch.randint(1, fam.VOCAB, (2, 21), generator=torch.Generator().manual_seed(2))

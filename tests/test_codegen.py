@@ -1,4 +1,4 @@
-"""Generated Triton kernels equal ``kvpass.reference.attention``.
+"""Generated Triton kernels equal ``kvpass.semantics.reference.attention``.
 
 Without a GPU the kernels run in the Triton interpreter on CPU.  Triton fixes interpreter vs
 compiler when it is imported, so this module sets ``TRITON_INTERPRET=1`` before anything
@@ -36,18 +36,9 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kvpass import reference  # noqa: E402
-from kvpass.codegen import (  # noqa: E402
-    CodegenError,
-    KernelSpec,
-    attention,
-    decode,
-    kernel_path,
-    load,
-    prefill,
-    source,
-)
-from kvpass.codegen.generate import interpreting  # noqa: E402
+from kvpass.kernels import CodegenError, KernelSpec, attention, decode, kernel_path, load, prefill, source  # noqa: E402
+from kvpass.kernels.generate import interpreting  # noqa: E402
+from kvpass.semantics import reference  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 2**-6}
@@ -263,7 +254,7 @@ def test_latent_kernels_match_reference(data, sk, seed):
 def test_latent_op_dispatch_and_errors(monkeypatch):
     """``kvpass::latent_attention``: reference and interpreted kernels agree; a spec without
     its weights, or a latent of the wrong rank, is refused."""
-    from kvpass.codegen import latent_attention
+    from kvpass.kernels import latent_attention
     gen = torch.Generator().manual_seed(3)
     spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True,
                       extra={"latent": {"rank": 12, "rope": True, "norm_eps": 1e-6}})
@@ -290,10 +281,10 @@ def test_latent_op_dispatch_and_errors(monkeypatch):
 def test_quant_decode_matches_reference(data, seed):
     """Packed int8/int4/int2 codes with per-token or per-channel scales (and the latent of an
     MHC layer), read and dequantized inside the split-K decode kernel, then the full-precision
-    residual, equal ``kvpass.quant.dequantize`` + the reference -- with head maps, windows,
+    residual, equal ``kvpass.semantics.qformat.dequantize`` + the reference -- with head maps, windows,
     sinks, block tables, ring-buffer positions and empty slots."""
-    from kvpass.codegen import quant_decode
-    from kvpass.quant import dequantize, quantize
+    from kvpass.kernels import quant_decode
+    from kvpass.semantics.qformat import dequantize, quantize
 
     gen = torch.Generator().manual_seed(seed)
     bits = data.draw(st.sampled_from([8, 4, 2]))
@@ -599,8 +590,8 @@ def test_compiles_for_sm90(tmp_path):
     """The same source compiles for Hopper with triton's own ptxas (no GPU needed); runs in a
     fresh process because this one imported triton for the interpreter."""
     code = textwrap.dedent("""
-        from kvpass.codegen import KernelSpec
-        from kvpass.codegen.aot import compile_for
+        from kvpass.kernels import KernelSpec
+        from kvpass.kernels.aot import compile_for
         spec = KernelSpec(num_heads=4, num_kv_heads=2, head_dim=80, kv_head_map=(1, 0, 1, 0),
                           causal=True, window=16, sinks=2, softcap=30.0, block=64,
                           has_block_mask=True, has_mask=True, dtype="bfloat16")

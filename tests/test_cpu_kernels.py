@@ -1,4 +1,4 @@
-"""The generated C decode kernels (kvpass.codegen.cpu) against the reference they implement:
+"""The generated C decode kernels (kvpass.kernels.cpu) against the reference they implement:
 quantized store + full-precision residual, every bit width and axis, GQA / arbitrary head
 maps, windows with sinks, soft-capping, empty and out-of-order slots, several split-K chunks."""
 
@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvpass
-from kvpass.codegen import KernelSpec, cpu
-from kvpass.codegen.ops import _quant_reference, quant_attention
-from kvpass.quant import quantize
+from kvpass.kernels import KernelSpec, cpu
+from kvpass.kernels.ops import _quant_reference, quant_attention
+from kvpass.semantics.qformat import quantize
 
 pytestmark = pytest.mark.skipif(cpu.compiler() is None, reason="no C compiler")
 

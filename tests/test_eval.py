@@ -10,9 +10,9 @@ import torch
 import transformers as tf
 
 import kvpass
-from kvpass import models
+from kvpass.assets import models
 from kvpass.cli import main
-from kvpass.evaluation import decode_speed, pareto_front
+from kvpass.eval.compare import decode_speed, pareto_front
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from kvpass import models
-from kvpass.evaluate import (
+from kvpass.assets import models
+from kvpass.assets.text import load_text
+from kvpass.eval.long_range import (
     NEEDLE,
     long_range_perplexity,
     passkey_accuracy,
@@ -19,8 +20,7 @@ from kvpass.evaluate import (
     perplexity_by_position,
     plot_passkey,
 )
-from kvpass.evaluate_basic import perplexity
-from kvpass.text import load_text
+from kvpass.eval.perplexity import perplexity
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def tokenizer():
 
     folder = models.cache_dir() / "models" / "smollm2-135m"
     if not (folder / "kvpass-conversion.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not cached in {folder}: run kvpass.models.load('smollm2-135m') once")
+        pytest.skip(f"SmolLM2 tokenizer not cached in {folder}: run kvpass.assets.models.load('smollm2-135m') once")
     return AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"), local_files_only=True)
 
 
@@ -219,7 +219,7 @@ def test_passkey_accuracy_needs_every_answer_token(tokenizer):
 
 
 def test_passkey_accuracy_keys_are_seeded(tokenizer, monkeypatch):
-    import kvpass.evaluate as ev
+    import kvpass.eval.long_range as ev
 
     seen = []
     real = ev.passkey_prompt

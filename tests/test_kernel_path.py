@@ -5,10 +5,10 @@ import sys
 
 SCRIPT = r"""
 import torch, kvpass, families as fam
-from kvpass.lower import KVCore
+from kvpass.runtime.core import KVCore
 calls = []
-orig = kvpass.codegen.attention
-kvpass.lower.codegen.attention = lambda *a, **k: calls.append(1) or orig(*a, **k)
+orig = kvpass.kernels.attention
+kvpass.kernels.attention = lambda *a, **k: calls.append(1) or orig(*a, **k)
 torch.manual_seed(0)
 model = fam.llama(num_attention_heads=2, num_key_value_heads=1, hidden_size=32).eval()
 fast = kvpass.optimize(model, kvpass.Full())
@@ -19,7 +19,7 @@ with torch.no_grad():
 g = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 same = torch.equal(fast.generate(ids, attention_mask=mask, **g), model.generate(ids, attention_mask=mask, **g))
 import triton
-print("RESULT", float(d), same, len(calls) > 0, kvpass.codegen.interpreting())
+print("RESULT", float(d), same, len(calls) > 0, kvpass.kernels.interpreting())
 """
 
 
@@ -43,8 +43,8 @@ WINDOW_SCRIPT = r"""
 import os, torch, kvpass, families as fam
 from transformers import DynamicCache
 calls = []
-orig = kvpass.codegen.attention
-kvpass.lower.codegen.attention = lambda *a, **k: calls.append(k.get("block_mask") is not None) or orig(*a, **k)
+orig = kvpass.kernels.attention
+kvpass.kernels.attention = lambda *a, **k: calls.append(k.get("block_mask") is not None) or orig(*a, **k)
 torch.manual_seed(0)
 model = fam.llama(num_attention_heads=2, num_key_value_heads=1, hidden_size=32).eval()
 ids = torch.randint(1, fam.VOCAB, (2, 23))
@@ -75,12 +75,12 @@ MHC_SCRIPT = r"""
 import os, torch, kvpass, families as fam
 from transformers import DynamicCache
 calls, fused = [], []
-orig, orig_lat = kvpass.codegen.attention, kvpass.codegen.latent_attention
+orig, orig_lat = kvpass.kernels.attention, kvpass.kernels.latent_attention
 interp = lambda: os.environ["KVPASS_KERNELS"] == "interpret"  # calls of the kernel runs only
 def count(fn, out, what):
     return lambda *a, **k: (interp() and out.append(what(a[3]))) or fn(*a, **k)
-kvpass.lower.codegen.attention = count(orig, calls, lambda s: s.head_dim)
-kvpass.lower.codegen.latent_attention = count(orig_lat, fused, lambda s: s.latent)
+kvpass.kernels.attention = count(orig, calls, lambda s: s.head_dim)
+kvpass.kernels.latent_attention = count(orig_lat, fused, lambda s: s.latent)
 worst = 0.0
 # decompress + RoPE (fused latent kernels; qwen3 adds a per-head k-norm), absorbed (gpt2)
 for name in ["llama", "qwen3", "gpt2"]:
@@ -118,8 +118,8 @@ QUANT_SCRIPT = r"""
 import os, torch, kvpass, families as fam
 from transformers import DynamicCache
 calls = []
-orig = kvpass.codegen.quant_attention
-kvpass.lower.codegen.quant_attention = lambda *a, **k: (os.environ["KVPASS_KERNELS"] == "interpret"
+orig = kvpass.kernels.quant_attention
+kvpass.kernels.quant_attention = lambda *a, **k: (os.environ["KVPASS_KERNELS"] == "interpret"
     and calls.append(a[3].quant["bits"])) or orig(*a, **k)
 Q, W = kvpass.Quantize, kvpass.Window
 cases = [("llama", Q(bits=4, group=8)), ("llama", [W(6, sinks=2), Q(bits=8, group=8, residual=3)]),

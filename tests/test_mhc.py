@@ -9,10 +9,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import kvpass
-from kvpass.cache import cache_nbytes
 from kvpass.errors import KVPassError, PolicyError, SiteError
-from kvpass.lower import KVCore
-from kvpass.passes import mhc
+from kvpass.runtime.cache import cache_nbytes
+from kvpass.runtime.core import KVCore
+from kvpass.transform.passes import mhc
 
 LOW_RANK = 20  # rank of [W_k; W_v] in the models below
 
@@ -254,9 +254,9 @@ def test_heal_trains_the_latent():
     fast = kvpass.optimize(base, kvpass.MHC(rank=6), calibration=CALIB, heal=8)
     for before, after in fast._kvpass.heal.values():
         assert after <= before
-    from kvpass.api import _trainable
+    from kvpass.transform.driver import trainable
     att = fast.get_submodule("model.layers.0.self_attn")
-    assert "kv_core.latent.down" in _trainable(att, att.site)
+    assert "kv_core.latent.down" in trainable(att, att.site)
 
 
 @pytest.mark.parametrize("name,norm,pairing", [
@@ -265,7 +265,7 @@ def test_heal_trains_the_latent():
 def test_key_path_fit_reproduces_the_path(name, norm, pairing):
     """The probed fit (norm? + RoPE) of each family's replayed key path: right structure, and
     the fused reference equals decompress-then-replay on a real forward's latents."""
-    from kvpass.reference import latent_keys_values
+    from kvpass.semantics.reference import latent_keys_values
     _, base = _base(name)
     fast = kvpass.optimize(base, kvpass.MHC(rank=24, method="svd"))
     lats = [m.latent for m in fast.modules() if isinstance(m, KVCore) and m.latent is not None]
@@ -295,7 +295,7 @@ def test_key_path_fit_reproduces_the_path(name, norm, pairing):
 
 def test_key_path_that_is_not_norm_and_rope_is_not_fused():
     """A key path with another nonlinearity keeps the decompress path, with the reason."""
-    from kvpass.latent import fit_key_path
+    from kvpass.runtime.latent import fit_key_path
     _, base = _base("llama")
     fast = kvpass.optimize(base, kvpass.MHC(rank=24, method="svd"))
     lat = next(m.latent for m in fast.modules() if isinstance(m, KVCore) and m.latent is not None)

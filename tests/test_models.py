@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvpass import models
+from kvpass.assets import models
+from kvpass.assets.models import ModelLoadError
+from kvpass.assets.text import load_text, split_sentences, token_chunks
 from kvpass.errors import KVPassError
-from kvpass.evaluate_basic import embedding_cosine, perplexity
-from kvpass.models import ModelLoadError
-from kvpass.text import load_text, split_sentences, token_chunks
+from kvpass.eval.perplexity import embedding_cosine, perplexity
 
 
 @pytest.fixture(scope="module")

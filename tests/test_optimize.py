@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kvpass
-from kvpass.cache import KVCacheLayer, KVSlidingCacheLayer, cache_nbytes
-from kvpass.lower import KVAttention
+from kvpass.runtime.attention import KVAttention
+from kvpass.runtime.cache import KVCacheLayer, KVSlidingCacheLayer, cache_nbytes
 
 
 def _out(o):
@@ -94,7 +94,7 @@ def test_unimplemented_form_is_refused_clearly():
     from typing import ClassVar
 
     @dataclass(frozen=True)
-    class Future(kvpass.policy.Form):  # a form kind with no pass registered
+    class Future(kvpass.ir.forms.Form):  # a form kind with no pass registered
         kind: ClassVar[str] = "test_future_form"
 
     with pytest.raises(kvpass.KVPassError, match="test_future_form.*not implemented"):
@@ -132,9 +132,9 @@ class _ScaledLM(torch.nn.Module):
 
 @pytest.mark.parametrize("name", ["llama", "gemma3", "scaled"])
 def test_layers_reuse_one_capture_only_where_they_trace_the_same(name, monkeypatch):
-    """optimize() captures a layer's module once per distinct traced code (kvpass.lower
+    """optimize() captures a layer's module once per distinct traced code (kvpass.transform.lower
     CaptureReuse): the result equals capturing every layer on its own, windows included."""
-    from kvpass import lower
+    from kvpass.transform import lower
 
     torch.manual_seed(0)
     model = _ScaledLM().eval() if name == "scaled" else fam.build(name)
@@ -158,8 +158,8 @@ def test_layers_reuse_one_capture_only_where_they_trace_the_same(name, monkeypat
     else:
         assert sum(hits) >= 1
     # the signature itself tells the layers apart (not only the output check behind it)
-    from kvpass.capture import capture, default_example_inputs, run_cache_free
-    from kvpass.sites import find_sites_in
+    from kvpass.graph.capture import capture, default_example_inputs, run_cache_free
+    from kvpass.graph.sites import find_sites_in
 
     ex = default_example_inputs(model)
     found = find_sites_in(capture(model, ex))
@@ -183,7 +183,7 @@ def test_modules_that_store_into_a_state_argument_keep_storing():
     if the store were lost, the consumers would fail or attend to nothing."""
     from transformers import AutoConfig, Gemma4ForCausalLM
 
-    from kvpass import zoo
+    from kvpass.eval import zoo
 
     cfg = zoo.shrink_config(AutoConfig.for_model("gemma4_text"))
     cfg.num_hidden_layers, cfg.num_kv_shared_layers = 4, 2
@@ -210,7 +210,7 @@ def test_a_module_called_for_several_layers_gets_one_cache_slot_per_call():
     generation with a cache equals the original's and the cache counts every layer."""
     from transformers import DynamicCache
 
-    from kvpass import zoo
+    from kvpass.eval import zoo
 
     model = zoo.build("hrm_text")
     fast = kvpass.optimize(model)

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import kvpass
-from kvpass import reference
-from kvpass.cache import KVQuantLayer, cache_nbytes
 from kvpass.errors import PolicyError, SiteError
-from kvpass.quant import QuantRule, dequantize, fake_quantize, pack, quantize, unpack
+from kvpass.runtime.cache import KVQuantLayer, cache_nbytes
+from kvpass.semantics import reference
+from kvpass.semantics.qformat import QuantRule, dequantize, fake_quantize, pack, quantize, unpack
 
 
 def _llama(layers=2, seed=0, **kw):
@@ -136,8 +136,8 @@ def test_cache_steps_equal_one_prefill(bits, group, keys, values, residual, wind
     """The cache layer's meaning: attending chunk by chunk (then token by token) through a
     KVQuantLayer equals one prefill of the whole sequence under the rule, exactly -- whatever
     the format, residual, window, sinks, left padding and chunking."""
-    from kvpass.cache import token_positions
-    from kvpass.lower import LayerPlan
+    from kvpass.ir.plan import LayerPlan
+    from kvpass.semantics.layout import token_positions
 
     rule = QuantRule(bits=bits, group=group, keys=keys, values=values, residual=residual)
     g = torch.Generator().manual_seed(seed)

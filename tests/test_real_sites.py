@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import models
+from kvpass.assets import models
 
 pytestmark = pytest.mark.real
 

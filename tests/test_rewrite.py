@@ -16,9 +16,9 @@ import torch
 import transformers as tf
 
 import kvpass
-from kvpass import models
+from kvpass.assets import models
+from kvpass.checkpoint.rewrite import parse_policy
 from kvpass.cli import main
-from kvpass.rewrite import parse_policy
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. ") * 16
@@ -163,9 +163,9 @@ def test_calibrating_rewrite_streams_and_equals_optimize(sharded, tmp_path, caps
     """Calibrating policies stream too: the calibration activations are carried through a
     one-layer twin holding each real layer in turn, each rewritten before the next is fed;
     the result equals optimize() in memory on the same text (which runs the whole model)."""
-    import kvpass.stream
+    import kvpass.checkpoint.stream
 
-    monkeypatch.setattr(kvpass.stream, "_BIG", 1000)  # the MLP/embeddings held only when run
+    monkeypatch.setattr(kvpass.checkpoint.stream, "_BIG", 1000)  # the MLP/embeddings held only when run
     out = tmp_path / "streamed"
     assert main(["rewrite", str(sharded), str(out), "--policy", policy, "--calibration", TEXT]) == 0
     assert "layer by layer" in capsys.readouterr().out
@@ -283,7 +283,7 @@ def test_shard_writer_copies_tensors_through_undecoded(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from kvpass.stream import _Reader, write_shard
+    from kvpass.checkpoint.stream import _Reader, write_shard
 
     g = torch.Generator().manual_seed(0)
     src = {"a": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g),

@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvpass
-from kvpass.cache import cache_nbytes
-from kvpass.lower import KVAttention, LayerPlan
-from kvpass.passes import shared_kv
+from kvpass.ir.plan import LayerPlan
+from kvpass.runtime.attention import KVAttention
+from kvpass.runtime.cache import cache_nbytes
+from kvpass.transform.passes import shared_kv
 
 
 def _tie_groups(model, n_groups):

@@ -87,7 +87,7 @@ def test_key_path_replays(sites_of):
 
 
 def _external_inputs(s):
-    from kvpass import graphutil as gu
+    from kvpass.graph import util as gu
     chain = gu.chain_between(s.nodes.k_proj, s.nodes.k_pre)
     inside, seen = set(chain), []
     for n in chain[1:]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpass import models
-from kvpass.text import (
+from kvpass.assets import models
+from kvpass.assets.text import (
     TEXTS_DIR,
     bundled_texts,
     load_text,

@@ -11,12 +11,14 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import kvpass
-from kvpass import reference
-from kvpass.blocks import BlockTable, SparsePattern
-from kvpass.cache import KVRingLayer, RingSpec, cache_nbytes, token_positions
 from kvpass.errors import SiteError
-from kvpass.lower import KVAttention, KVCore
-from kvpass.passes.sparse import pattern_of
+from kvpass.runtime.attention import KVAttention
+from kvpass.runtime.cache import KVRingLayer, cache_nbytes
+from kvpass.runtime.core import KVCore
+from kvpass.semantics import reference
+from kvpass.semantics.block_sparse import BlockTable, SparsePattern
+from kvpass.semantics.layout import RingSpec, token_positions
+from kvpass.transform.passes.sparse import pattern_of
 
 
 def _llama(layers=2, seed=0, **kw):
@@ -267,8 +269,6 @@ def test_errors_name_the_module():
     bert = fam.bert().eval()
     with pytest.raises(SiteError, match=r"encoder\.layer\.0.*bidirectional"):
         kvpass.optimize(bert, kvpass.Window(size=4))
-    with pytest.raises(SiteError, match=r"layers\.0.*cannot be composed"):
-        kvpass.optimize(_llama(), [kvpass.Window(size=4), kvpass.Sparse()])
 
 
 def test_token_positions_skip_padding():
@@ -311,7 +311,7 @@ def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, hm
     if with_mask:
         kw["mask"] = torch.rand(2, 1, sq, sk, generator=g) > 0.3
     if quant:  # quantized storage: each pair reads the quantized or the full-precision key
-        from kvpass.quant import QuantRule
+        from kvpass.semantics.qformat import QuantRule
 
         group, axis, residual = quant
         kw.update(k_hat=k + torch.randn(k.shape, generator=g), v_hat=v + torch.randn(v.shape, generator=g),
@@ -323,7 +323,7 @@ def test_sdpa_fallback_equals_reference(sq, sk, w, s, blk, causal, with_mask, hm
 
 
 def test_far_attention_measures_what_a_window_hides():
-    from kvpass.passes.window import far_attention, hybrid_layers
+    from kvpass.search.hybrid import far_attention, hybrid_layers
 
     model, _ = _fast(kvpass.Window(size=5, sinks=2))
     ids = torch.randint(1, fam.VOCAB, (2, 30))
@@ -345,8 +345,8 @@ class _CharTokenizer:
 
 
 def test_retrieval_layers_is_greedy_on_the_answer_log_probability():
-    from kvpass.evaluate import _last_logits, passkey_prompt
-    from kvpass.passes.window import retrieval_layers
+    from kvpass.eval.long_range import last_logits, passkey_prompt
+    from kvpass.search.hybrid import retrieval_layers
 
     tok, model = _CharTokenizer(), _llama(layers=3, seed=3)
     fast = kvpass.optimize(model, kvpass.Full())
@@ -361,7 +361,7 @@ def test_retrieval_layers_is_greedy_on_the_answer_log_probability():
     for layer in range(3):
         kvpass.retarget(fast, kvpass.Policy(default=kvpass.Window(8, sinks=2), layers={layer: kvpass.Full()}))
         with torch.no_grad():
-            logp = _last_logits(fast, ids, len(answer) + 1)[0, :-1].log_softmax(-1)
+            logp = last_logits(fast, ids, len(answer) + 1)[0, :-1].log_softmax(-1)
         scores[layer] = float(logp.gather(-1, answer[:, None]).mean())
     assert len(set(scores.values())) == 3  # the layers do differ: the argmax means something
     assert one == [max(scores, key=scores.get)]
@@ -375,7 +375,7 @@ def test_retrieval_layers_is_greedy_on_the_answer_log_probability():
 
 
 def test_hybrid_window_is_the_largest_that_fits():
-    from kvpass.passes.window import hybrid_window
+    from kvpass.search.hybrid import hybrid_window
 
     model = _llama(layers=6)
     fast = kvpass.optimize(model, kvpass.Full())
@@ -392,3 +392,65 @@ def test_hybrid_window_is_the_largest_that_fits():
     assert hybrid_window(model, 1, 600, sinks=2) == hybrid_window(fast, 1, 600, sinks=2)  # original: optimised first
     with pytest.raises(ValueError, match="exceeds"):
         hybrid_window(fast, 2, 600, ratio=0.25)
+
+
+# ----------------------------------------------------------------------------- composition
+COMPOSED = [kvpass.Window(size=6, sinks=2), kvpass.Sparse(block=4, local=1, global_tokens=4)]
+
+
+def test_window_and_sparse_compose_as_the_and_of_both():
+    """``[Window, Sparse]`` on one layer: each query sees the keys both rules allow (the
+    visibility rules' ``and_masks``), checked against masks written out here; the composed
+    model differs from either form alone, decodes as it prefills, and keeps the window's
+    bounded ring."""
+    from kvpass.semantics import visibility as V
+
+    model, fast = _fast(COMPOSED)
+    core = next(m.kv_core for m in fast.modules() if isinstance(m, KVAttention))
+    assert core.plan.window == 6 and core.plan.pattern is not None
+    torch.manual_seed(3)
+    n = 26
+    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    pos = torch.arange(n)[None]
+    table = core.plan.pattern.table(-(-n // 4)).table
+    got = core._attend(q, k, v, pos, pos, n, core.spec.kv_head_map)
+    qp, kp = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    by_hand = (kp <= qp) & ((qp - kp < 6) | (kp < 2)) & (table[qp // 4, kp // 4] != 0)
+    rule = V.and_masks(V.causal(), V.window(6, sinks=2), V.blocks(table, 4))
+    assert torch.equal(rule(qp, kp), by_hand)
+    want = reference.attention(q, k, v, kv_head_map=core.spec.kv_head_map, scale=core.spec.scale,
+                               mask=by_hand[None, None])
+    assert (got - want).abs().max() <= 1e-5
+    assert not torch.equal(by_hand, (kp <= qp) & ((qp - kp < 6) | (kp < 2)))  # the pattern hides more
+
+    ids = torch.randint(1, fam.VOCAB, (2, 30))
+    with torch.no_grad():
+        whole = fast(ids).logits
+        step, cache = _stepwise(fast, ids, 5, model.config)
+        alone = [_fast(f)[1](ids).logits for f in COMPOSED]
+    assert (whole - step).abs().max() <= 1e-4
+    assert all((whole - a).abs().max() > 1e-4 for a in alone)
+    assert kvpass.kv_cache_bytes(fast, 300) == kvpass.kv_cache_bytes(_fast(COMPOSED[0])[1], 300)
+
+
+def test_or_masks_compose_and_are_sound_on_tiles():
+    """``or_masks``/``and_masks``: visible where either / both rules are; the composed Triton
+    tile tests (plain integer expressions, evaluated here) never skip a tile holding a visible
+    pair and never call a tile holding a hidden pair full, over every tile of a grid."""
+    from kvpass.semantics import visibility as V
+
+    qp, kp = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    either = V.or_masks(V.causal(), V.window(3))
+    assert torch.equal(either(qp, kp), (kp <= qp) | (qp - kp < 3))
+    both = V.and_masks(V.causal(), V.window(3, sinks=2))
+    assert torch.equal(both(qp, kp), (kp <= qp) & ((qp - kp < 3) | (kp < 2)))
+    checked = 0
+    for rule in (either, both):
+        for t in range(0, 16, 4):
+            for u in range(0, 16, 4):
+                env = dict(q_lo=t, q_hi=t + 3, k_lo=u, k_hi=u + 3, WINDOW=3, SINKS=2)
+                tile = rule(qp[t:t + 4], kp[:, u:u + 4])
+                visit, full = bool(eval(rule.visit, {}, env)), bool(eval(rule.full, {}, env))
+                assert (visit or not tile.any()) and (not full or tile.all())
+                checked += visit and not full  # tiles masked element by element
+    assert checked > 0

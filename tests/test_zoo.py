@@ -1,7 +1,7 @@
 """Discovery that generalises (issue 20).
 
 * The automatic zoo: every decoder and text encoder transformers registers, built tiny from its
-  default config (:mod:`kvpass.zoo`).  CI runs a fixed stride of the registry (no family picked
+  default config (:mod:`kvpass.eval.zoo`).  CI runs a fixed stride of the registry (no family picked
   by hand); the whole zoo is ``slow``.
 * Models written outside transformers: a hand-written decoder with no
   ``get_input_embeddings``, one built from ``nn.MultiheadAttention``, and timm's ViT attention
@@ -22,8 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import kvpass
-from kvpass import zoo
 from kvpass.errors import CaptureError, KVPassError, SiteError
+from kvpass.eval import zoo
 
 STRIDE = 12  # CI: every 12th family of the sorted registry (19 of ~230)
 
@@ -102,7 +102,7 @@ def test_the_zoo_catches_a_silent_noop(monkeypatch):
 
 def test_the_zoo_catches_a_missed_core(monkeypatch):
     """Cores the model runs that kvpass does not find make the row PARTIAL (or NOT_FOUND)."""
-    from kvpass import sites
+    from kvpass.graph import sites
 
     real = sites._cores
 
@@ -327,7 +327,7 @@ def test_core_only_forms_apply_where_projections_are_not_understood():
 
 def test_discovery_never_raises_on_an_unknown_pattern(monkeypatch):
     """An analysis that fails inside a site becomes that site's problem, naming the part."""
-    from kvpass import sites as S
+    from kvpass.graph import sites as S
 
     def boom(*a, **k):
         raise TypeError("unexpected layout")
@@ -407,7 +407,7 @@ def test_sink_logits_reference_is_an_extra_softmax_column():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
     sinks = torch.randn(4, generator=g)
-    from kvpass import reference
+    from kvpass.semantics import reference
 
     got = reference.attention(q, k, v, causal=True, sink_logits=sinks)
     s = (q @ k.transpose(-1, -2)) * 8 ** -0.5

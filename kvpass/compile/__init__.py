@@ -1,0 +1,1 @@
+"""``torch.compile(model, backend="kvpass")``: the dynamo backend, running the same driver."""

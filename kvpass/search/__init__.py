@@ -1,0 +1,1 @@
+"""Searches over policies: the per-layer KV budget and hybrid window layouts."""
