@@ -96,7 +96,8 @@ def _numel(shape) -> int:
 # peak RSS as this process's own high-water mark (VmHWM): getrusage's ru_maxrss survives
 # exec, so a child would report the bench parent's peak (it held the synthetic checkpoint)
 RUNNER = ("import re, sys, time\n"
-          "import torch, transformers, kvpass.assets.models, kvpass.checkpoint.rewrite, kvpass.checkpoint.stream  # imports are not the rewrite\n"
+          "import torch, transformers, kvpass.assets.models  # imports are not the rewrite\n"
+          "import kvpass.checkpoint.rewrite, kvpass.checkpoint.stream\n"
           "from kvpass.cli import main\n"
           "t = time.perf_counter(); rc = main(sys.argv[1:]); dt = time.perf_counter() - t\n"
           "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"

@@ -172,44 +172,55 @@ class KVCore(nn.Module):
     def _forward_positional(self, q, k, v, mask):
         """Window / block-sparse / latent / quantized layers: tokens carry positions; the graph
         mask gives padding.  With a latent (MHC), ``k`` is the K/V projections' input and ``v``
-        is None.  A step is (keys, values, q_pos, k_pos[, keys_hat, values_hat]): with
-        quantization each key/value comes in full precision and as quantized, and
-        ``plan.quant`` says which one each query sees."""
+        is None.  Storage (:meth:`_store_positional`) is apart from the attention rule
+        (:meth:`_read_positional`)."""
         lat, rule = self.latent, self.plan.quant
-        B, Sq = lat.batch_seq(q, k) if lat is not None else (q.shape[0], q.shape[2])
-        producer = self.producer
+        Sq = lat.batch_seq(q, k)[1] if lat is not None else q.shape[2]
         # decode over a quantized cache: the store is all quantized and the residual all full
         # precision for the newest query, so it reads the packed cache as it is (kernels
         # dequantize in registers; on CPU the op's reference dequantizes and runs SDPA)
         decode = rule is not None and Sq == 1 and not torch.is_grad_enabled()
-        if producer is None:
-            valid = _new_tokens_valid(mask, self.spec.mask_kind, B, Sq, self.layer_idx).to(k.device)
-            if lat is not None:
-                k = lat.compress(k, B, Sq)
-                v = k.new_zeros(B, 1, Sq, 0)
-            else:
-                k, v = self._select(k, v)
-            layer = None
-            if self._cache is not None:
-                layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring(), quant=rule)
-                step = layer.update(k, v, valid, lazy=True) if decode else layer.update(k, v, valid)
-                step = None if step is None else tuple(step)
-                limit = layer.get_seq_length()
-            else:
-                pos = token_positions(valid)
-                step = (k, v, pos, pos)
-                if rule is not None:
-                    step += (fake_quantize(k, pos, rule.bits, rule.group, rule.keys)[0],
-                             fake_quantize(v, pos, rule.bits, rule.group, rule.values)[0] if v.shape[-1] else v)
-                limit = Sq
-            self._last = (step, limit)
-        elif self._cache is not None:
+        step, limit, layer = self._store_positional(q, k, v, mask, decode)
+        return self._read_positional(q, step, limit, layer, decode)
+
+    def _store_positional(self, q, k, v, mask, decode: bool):
+        """Store this call's tokens (or read a producer's): returns (step, limit, cache layer).
+        A step is (keys, values, q_pos, k_pos[, keys_hat, values_hat]): with quantization each
+        key/value comes in full precision and as quantized; ``limit``: keys stored so far."""
+        lat, rule, producer = self.latent, self.plan.quant, self.producer
+        if producer is not None:
+            if self._cache is None:
+                step, limit = producer._last
+                return step, limit, None
             layer = ensure_layer(self._cache, self.layer_idx, source=producer.layer_idx).source
-            step = None if layer.step is None else tuple(layer.step)
+            return None if layer.step is None else tuple(layer.step), layer.get_seq_length(), layer
+        B, Sq = lat.batch_seq(q, k) if lat is not None else (q.shape[0], q.shape[2])
+        valid = _new_tokens_valid(mask, self.spec.mask_kind, B, Sq, self.layer_idx).to(k.device)
+        if lat is not None:
+            k = lat.compress(k, B, Sq)
+            v = k.new_zeros(B, 1, Sq, 0)
+        else:
+            k, v = self._select(k, v)
+        layer = None
+        if self._cache is not None:
+            layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring(), quant=rule)
+            step = layer.update(k, v, valid, lazy=True) if decode else layer.update(k, v, valid)
+            step = None if step is None else tuple(step)
             limit = layer.get_seq_length()
         else:
-            step, limit = producer._last
-            layer = None
+            pos = token_positions(valid)
+            step = (k, v, pos, pos)
+            if rule is not None:
+                step += (fake_quantize(k, pos, rule.bits, rule.group, rule.keys)[0],
+                         fake_quantize(v, pos, rule.bits, rule.group, rule.values)[0] if v.shape[-1] else v)
+            limit = Sq
+        self._last = (step, limit)
+        return step, limit, layer
+
+    def _read_positional(self, q, step, limit, layer, decode: bool):
+        """Attention of ``q`` over a stored step under the plan's rule (window, pattern,
+        latent, quantized storage): kernels where one applies, else the reference."""
+        lat = self.latent
         head_map = tuple(self.plan.head_map or self.spec.kv_head_map)
         if decode and layer is not None:
             out = None if self._reference_only else self._attend_quant(q, layer, layer.last_positions, limit,
