@@ -3,8 +3,8 @@ divergence of next-token distributions, a module's device, whether a model is a 
 
 Example:
     >>> from kvpass.util import knapsack
-    >>> knapsack([[1, 2], [1, 2]], [[5.0, 1.0], [4.0, 0.0]], budget=3)   # one option per item
-    [0, 1]
+    >>> knapsack([[1, 2], [1, 2]], [[5.0, 1.0], [4.0, 3.0]], budget=3)   # cost 2 + 1, damage 1 + 4
+    [1, 0]
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def _low_rank(model, seed=0):
         for i, proj in enumerate((s.k_proj, s.v_proj)):
             for h in range(H):
                 block = low[i * H * D + h * D: i * H * D + (h + 1) * D]
-                mhc.shared_kv._set(weights, proj, h, D, block, None)
+                mhc.shared_kv.set_head_rows(weights, proj, h, D, block, None)
     return model
 
 
@@ -237,12 +237,14 @@ def test_allocation_on_an_encoder():
 
 
 def test_knapsack_is_optimal_on_non_convex_curves():
-    """The allocation's DP finds the best combination where greedy steps would stall (a curve
-    flat before a cliff)."""
+    """The allocation's DP (kvpass.util.knapsack) finds the best combination where greedy
+    steps would stall (a curve flat before a cliff)."""
     import itertools
 
+    from kvpass.util import knapsack
+
     items = [([8, 16, 24], [1.0, 0.99, 0.0]), ([8, 16, 24], [0.5, 0.2, 0.1]), ([8, 16, 24], [0.3, 0.25, 0.2])]
-    picked = mhc._knapsack(items, 48)
+    picked = [items[i][0][j] for i, j in enumerate(knapsack([g for g, _ in items], [c for _, c in items], 48))]
     best = min(itertools.product(*[range(3)] * 3),
                key=lambda js: sum(c[j] for (_, c), j in zip(items, js)) if sum(
                    g[j] for (g, _), j in zip(items, js)) <= 48 else 1e9)

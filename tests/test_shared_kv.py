@@ -20,8 +20,8 @@ def _tie_groups(model, n_groups):
         D, g = s.head_dim, s.num_kv_heads // n_groups
         for proj in (s.k_proj, s.v_proj):
             for h in range(s.num_kv_heads):
-                src = shared_kv._get(weights, proj, (h // g) * g, D)
-                shared_kv._set(weights, proj, h, D, *src)
+                src = shared_kv.head_rows(weights, proj, (h // g) * g, D)
+                shared_kv.set_head_rows(weights, proj, h, D, *src)
 
 
 def _logits(m, ids):
@@ -51,7 +51,8 @@ def test_similarity_grouping_finds_identical_heads_and_relayout_is_exact():
     for s in kvpass.find_sites(model):  # tie heads 0~2 and 1~3 (not contiguous)
         for proj in (s.k_proj, s.v_proj):
             for a, b in ((0, 2), (1, 3)):
-                shared_kv._set(weights, proj, b, s.head_dim, *shared_kv._get(weights, proj, a, s.head_dim))
+                rows = shared_kv.head_rows(weights, proj, a, s.head_dim)
+                shared_kv.set_head_rows(weights, proj, b, s.head_dim, *rows)
     calib = torch.randint(1, fam.VOCAB, (4, 32))
     fast = kvpass.optimize(model, kvpass.SharedKV(kv_heads=2, grouping="similarity"), calibration=calib)
     ids = torch.randint(1, fam.VOCAB, (2, 13))

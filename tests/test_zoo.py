@@ -94,7 +94,7 @@ def test_full_zoo_goals():
 
 def test_the_zoo_catches_a_silent_noop(monkeypatch):
     """A form that returns without rewriting anything is a CRASH row, not a pass."""
-    monkeypatch.setattr(kvpass, "retarget", lambda model, policy: model)
+    monkeypatch.setattr(zoo, "retarget", lambda model, policy: model)
     row = zoo.check_family("llama")
     assert row["forms"]["window"]["status"] == "noop"
     assert row["class"] == "CRASH"

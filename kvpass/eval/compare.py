@@ -43,9 +43,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..assets.text import load_text, split_sentences, token_chunks
+from ..ir.forms import Full
 from ..ir.policy import Policy
+from ..runtime.accounting import kv_cache_bytes
 from ..runtime.cache import cache_nbytes
-from ..transform import optimize as api
+from ..transform.optimize import optimize, retarget
 from ..transform.registry import visibility_only
 from ..util import is_causal_lm
 from .long_range import passkey_accuracy, passkey_retained, perplexity_by_position
@@ -282,14 +284,14 @@ def evaluate(
             fast = model
         elif policy_visibility_only(policy):
             if lowered is None:
-                lowered = api.optimize(model, api.Full())
-            fast = api.retarget(lowered, policy)
+                lowered = optimize(model, Full())
+            fast = retarget(lowered, policy)
         else:
             kw = {"calibration": calibration, "tokenizer": tokenizer} if calibration is not None else {}
-            fast = api.optimize(model, policy, **kw)
+            fast = optimize(model, policy, **kw)
         row: dict = {"label": label}
         if policy is not None:
-            row["policy"] = api.Policy.of(policy).to_dict()
+            row["policy"] = Policy.of(policy).to_dict()
         with torch.inference_mode():
             if causal:
                 by_pos = perplexity_by_position(fast, tokens, bucket=math.gcd(late, context) or context,
@@ -305,8 +307,8 @@ def evaluate(
             else:
                 row["passkey_retained"] = passkey_retained(base_pk, pk)["retained"]
         n = kv_context
-        row["kv_bytes_per_token"] = api.kv_cache_bytes(fast, n) / n
-        row["kv_bytes_per_token_bf16"] = api.kv_cache_bytes(fast, n, dtype=torch.bfloat16) / n
+        row["kv_bytes_per_token"] = kv_cache_bytes(fast, n) / n
+        row["kv_bytes_per_token_bf16"] = kv_cache_bytes(fast, n, dtype=torch.bfloat16) / n
         if causal and stream is not None:
             row["speed"] = {str(c): decode_speed(fast, stream[:, :c], decode_steps)
                             for c in settings["speed_contexts"]}

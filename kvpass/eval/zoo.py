@@ -29,7 +29,7 @@ or a no-op), ``UNBUILDABLE`` (the tiny model cannot be built or run by transform
 (multimodal or needs remote code: out of scope).
 
 Example:
-    >>> from kvpass import zoo
+    >>> from kvpass.eval import zoo
     >>> row = zoo.check_family("llama")
     >>> row["class"], row["sites"], row["cores"]
     ('EXACT', 2, 2)

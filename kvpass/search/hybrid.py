@@ -157,7 +157,7 @@ def retrieval_layers(
     Example (SmolLM2-135M, ~30 min on 2 CPU cores; tested on a tiny model in
     tests/test_window_sparse.py):
         >>> import kvpass  # doctest: +SKIP
-        >>> from kvpass import models  # doctest: +SKIP
+        >>> from kvpass.assets import models  # doctest: +SKIP
         >>> model, tok = models.load("smollm2-135m")  # doctest: +SKIP
         >>> fast = kvpass.optimize(model, kvpass.Full())  # doctest: +SKIP
         >>> w = hybrid_window(fast, 6, 4096)  # 250  # doctest: +SKIP

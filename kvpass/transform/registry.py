@@ -102,7 +102,7 @@ def entry(form: Form) -> PassEntry:
     e = _REGISTRY.get(type(form))
     if e is None:
         have = sorted(t.kind for t in registered())
-        raise KVPassError(f"form {form!r}: no pass lowers {type(form).__name__} in this version; available: "
+        raise KVPassError(f"form {form!r} (kind {type(form).kind!r}): no pass lowers it in this version; available: "
                           f"{have} (known forms: {sorted(FORMS)})")
     return e
 
