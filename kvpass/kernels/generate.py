@@ -194,7 +194,7 @@ def _tile_classify(spec: KernelSpec, skip: bool) -> str:
     ``skip``: the loop may meet tiles its bounds did not rule out (``visit`` is tested); a
     block table always tests ``visit`` (it rules out tiles inside any bounds)."""
     rule = _rule(spec, with_valid=False)
-    if rule.name == "all":
+    if rule is None:
         return ""
     out = [rule.tile_setup] if rule.tile_setup else []
     if (skip or spec.has_block_mask) and rule.visit is not None:

@@ -175,15 +175,15 @@ class KVCore(nn.Module):
         is None.  Storage (:meth:`_store_positional`) is apart from the attention rule
         (:meth:`_read_positional`)."""
         lat, rule = self.latent, self.plan.quant
-        Sq = lat.batch_seq(q, k)[1] if lat is not None else q.shape[2]
+        B, Sq = lat.batch_seq(q, k) if lat is not None else (q.shape[0], q.shape[2])
         # decode over a quantized cache: the store is all quantized and the residual all full
         # precision for the newest query, so it reads the packed cache as it is (kernels
         # dequantize in registers; on CPU the op's reference dequantizes and runs SDPA)
         decode = rule is not None and Sq == 1 and not torch.is_grad_enabled()
-        step, limit, layer = self._store_positional(q, k, v, mask, decode)
+        step, limit, layer = self._store_positional(k, v, mask, B, Sq, decode)
         return self._read_positional(q, step, limit, layer, decode)
 
-    def _store_positional(self, q, k, v, mask, decode: bool):
+    def _store_positional(self, k, v, mask, B: int, Sq: int, decode: bool):
         """Store this call's tokens (or read a producer's): returns (step, limit, cache layer).
         A step is (keys, values, q_pos, k_pos[, keys_hat, values_hat]): with quantization each
         key/value comes in full precision and as quantized; ``limit``: keys stored so far."""
@@ -194,7 +194,6 @@ class KVCore(nn.Module):
                 return step, limit, None
             layer = ensure_layer(self._cache, self.layer_idx, source=producer.layer_idx).source
             return None if layer.step is None else tuple(layer.step), layer.get_seq_length(), layer
-        B, Sq = lat.batch_seq(q, k) if lat is not None else (q.shape[0], q.shape[2])
         valid = _new_tokens_valid(mask, self.spec.mask_kind, B, Sq, self.layer_idx).to(k.device)
         if lat is not None:
             k = lat.compress(k, B, Sq)

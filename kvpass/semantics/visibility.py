@@ -160,10 +160,11 @@ def or_masks(*mods: MaskMod) -> MaskMod:
 
 
 def for_layer(*, causal_: bool, window_: int | None = None, sinks: int = 0, table: Tensor | None = None,
-              block: int | None = None, has_blocks: bool | None = None, with_valid: bool = True) -> MaskMod:
+              block: int | None = None, has_blocks: bool | None = None, with_valid: bool = True) -> MaskMod | None:
     """The rule of one layer's forms, composed: its causality, its window (with sinks) and its
     block pattern all apply (``[Window, Sparse]`` is their *and*).  ``has_blocks``: a block
-    table is part of the rule (default: ``table`` given; kernels pass it at call time)."""
+    table is part of the rule (default: ``table`` given; kernels pass it at call time).  None:
+    every pair is visible (no rule at all)."""
     mods = [valid_keys()] if with_valid else []
     if causal_:
         mods.append(causal())
@@ -171,6 +172,4 @@ def for_layer(*, causal_: bool, window_: int | None = None, sinks: int = 0, tabl
         mods.append(window(window_, sinks))
     if table is not None if has_blocks is None else has_blocks:
         mods.append(blocks(table, block))
-    if not mods:
-        return MaskMod("all", lambda q, k: (q >= 0) | (q < 0) | (k == k), "KP == KP")
-    return and_masks(*mods)
+    return and_masks(*mods) if mods else None
