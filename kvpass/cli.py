@@ -6,6 +6,8 @@
     kvpass kernels --causal --quant-bits 4 --kind decode --dump     # int4 cache, dequantized in registers
     kvpass rewrite smollm2-135m out/ --policy shared_kv:kv_heads=1   # native GQA checkpoint
     kvpass rewrite ./hf-folder out/ --policy policy.yaml --calibration notes.txt --heal 50
+    kvpass rewrite smollm2-135m out/ --target vllm --calibration persuasion \
+        --policy 'window:size=512,sinks=4,sink=logit'       # served by `vllm serve out/`
     kvpass eval smollm2-135m --policy window:size=512,sinks=4 --policy quantize:bits=4 --plot eval.png
     kvpass zoo --only llama gpt2 bert     # every transformers architecture, built tiny (all: no --only)
 
@@ -99,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     rw.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
     rw.add_argument("--policy", required=True, help="policy file, JSON, or kind:key=value forms")
     rw.add_argument("--calibration", default=None,
-                    help="calibration text, or a text file (needed by whitened/aware MHC, "
+                    help="calibration text, a text file, or a bundled text name (persuasion, calibration, ...; "
+                         "needed by whitened/aware MHC, logit sinks, "
                          "similarity grouping, calibrated merge, --heal)")
     rw.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the written weights (computation is fp32)")
@@ -108,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     rw.add_argument("--allow-pickle", action="store_true",
                     help="accept pickle .bin sources (loaded with weights_only=True)")
     rw.add_argument("--no-native", action="store_true", help="always write a kvpass checkpoint")
+    rw.add_argument("--target", default="kvpass", choices=["kvpass", "vllm"],
+                    help="kvpass: a checkpoint for kvpass.from_pretrained (native where one exists). vllm: a "
+                         "folder stock vLLM serves (`vllm serve OUT`, with kvpass installed beside vLLM: its "
+                         "plugin registers kvpass's vLLM class) with the saving in vLLM's own KV cache: per "
+                         "layer KV heads, sliding windows, sink logits (window:...,sink=logit); forms vLLM cannot "
+                         "run (token sinks, sparse, MHC, int quantization, cross-layer) are refused before "
+                         "writing, naming the layer")
+    rw.add_argument("--context", type=int, default=4096,
+                    help="the summary reports the KV cache at this many tokens (default 4096)")
     rw.add_argument("--in-memory", action="store_true",
                     help="load the whole model even when the policy could stream layer by layer")
     rw.add_argument("--max-shard-size", default="5GB",
@@ -291,7 +303,8 @@ def cmd_rewrite(args) -> int:
     summary = rewrite(args.src, args.out, policy, calibration=args.calibration, dtype=args.dtype,
                       force=args.force, allow_pickle=args.allow_pickle, heal=args.heal,
                       native=not args.no_native, stream=not args.in_memory,
-                      allow_nonfinite=args.allow_nonfinite, max_shard_size=args.max_shard_size)
+                      allow_nonfinite=args.allow_nonfinite, max_shard_size=args.max_shard_size,
+                      target=args.target, context=args.context)
     print(main_summary(summary))
     return 0
 

@@ -53,8 +53,10 @@ from ..runtime.attention import KVAttention
 from ..runtime.latent import fit_key_path
 from ..transform import registry
 from ..transform.optimize import optimize
+from . import vllm
+from .native import native_shared_kv, native_window
 
-__all__ = ["save_pretrained", "from_pretrained", "structural_policy", "FORMAT", "files_sha256"]
+__all__ = ["save_pretrained", "save_native", "from_pretrained", "structural_policy", "FORMAT", "files_sha256"]
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -252,28 +254,70 @@ def resolved(source: dict | None) -> dict:
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
-                    force: bool = False, source: dict | None = None) -> Path:
+                    force: bool = False, source: dict | None = None, target: str = "kvpass",
+                    native: bool = True) -> Path:
     """Write ``model`` (a :func:`kvpass.optimize` result) as a kvpass checkpoint folder.
 
     ``tokenizer``: saved beside it when given.  ``source``: recorded in the config (the CLI
-    puts the source path and hash there).  Atomic; refuses an existing ``path`` unless
-    ``force``.  Returns the folder.
+    puts the source path and hash there).  ``target="vllm"``: a folder stock vLLM serves (a
+    native checkpoint where one exists, else kvpass's vLLM class; :mod:`kvpass.checkpoint.vllm`),
+    refused before anything is written when a layer's form is one vLLM cannot run; either way
+    :func:`from_pretrained` loads it.  Atomic; refuses an existing ``path`` unless ``force``.
+    Returns the folder.
     """
     from safetensors.torch import save_model
 
     path = Path(path)
-    _layers(model)
+    layers = _layers(model)
+    vllm.check_target(target)
     if path.exists() and not force:
         raise CheckpointError(f"{path} exists; pass force=True (CLI: --force) to replace it")
+    records = None
+    if target == "vllm":
+        records = vllm.model_records(layers, model._kvpass.kept)  # refuses before writing
+        parts = (native_shared_kv(model) or native_window(model)) if native else None
+        if parts is not None:
+            save_native(model, path, tokenizer, parts, source, force, target=target)
+            return path
     with staged(path, force=force) as tmp:
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]  # as transformers' save_pretrained does
         config["kvpass"] = kvpass_section(model, source)
+        if records is not None:
+            vllm.apply_vllm(config, config["kvpass"], records)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "kvpass": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path
+
+
+def save_native(fast, out: Path, tok, parts, source: dict | None, force: bool, target: str = "kvpass") -> None:
+    """Write a native checkpoint (``parts``: state dict and config changes from
+    :mod:`kvpass.checkpoint.native`) that stock transformers (and vLLM) load."""
+    from safetensors.torch import save_file
+
+    state, changes = parts
+    with staged(out, force=force) as tmp:
+        config = fast.config.to_dict()
+        config["architectures"] = [type(fast).__name__]
+        config.update(changes)
+        section = kvpass_section(fast, source)
+        section["native"] = True
+        if target != "kvpass":
+            section["target"] = target
+        config["kvpass"] = section
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        seen, tensors = set(), {}
+        for name, t in state.items():  # tied weights: keep one copy (transformers re-ties them)
+            key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+            if key is not None and key in seen:
+                continue
+            seen.add(key)
+            tensors[name] = t.contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tok is not None:
+            tok.save_pretrained(tmp)
 
 
 @contextlib.contextmanager
@@ -448,7 +492,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
     path = Path(path)
     config_dict, section = read_section(path)
-    archs = config_dict.get("architectures") or []
+    archs = [section["hf_architecture"]] if section.get("hf_architecture") else config_dict.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise CheckpointError(f"{path}: config.json names no transformers architecture ({archs!r})")

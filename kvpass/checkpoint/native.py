@@ -68,7 +68,7 @@ def window_changes(config: dict, layer_forms: list) -> dict | None:
     if not layer_forms or len(set(map(tuple, layer_forms))) != 1:
         return None
     only = tuple(layer_forms[0])
-    if len(only) != 1 or only[0].kind != "window" or only[0].sinks != 0:
+    if len(only) != 1 or only[0].kind != "window" or only[0].sinks != 0 or only[0].sink != "token":
         return None
     return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": only[0].size}
 

@@ -40,13 +40,15 @@ import torch
 
 from ..assets import models
 from ..assets.models import is_causal_lm_config
+from ..assets.text import bundled_texts, load_text
 from ..errors import KVPassError, PolicyError
 from ..ir.forms import FORMS, Form
 from ..ir.policy import Policy
-from ..runtime.accounting import kv_bytes_per_token
+from ..runtime.accounting import kv_bytes_per_token, kv_cache_bytes
 from ..transform.calibrate import is_path_like
 from ..transform.optimize import optimize
-from .format import BackgroundHash, CheckpointError, kvpass_section, out_lock, save_pretrained, staged
+from . import vllm
+from .format import BackgroundHash, CheckpointError, out_lock, save_native, save_pretrained
 from .native import ITEMSIZE, native_shared_kv, native_window
 from .stream import plan, stream_rewrite
 
@@ -57,8 +59,10 @@ def parse_policy(text: str) -> Policy:
     """A policy from a file (.json/.yaml), inline JSON, or ``kind:key=value,...`` forms joined
     by ``+`` (one composed list for every layer).
 
-    >>> parse_policy("shared_kv:kv_heads=1+window:size=256,sinks=4").default
-    (SharedKV(kv_heads=1, ratio=None, grouping='contiguous', merge='mean', cross_layer=1), Window(size=256, sinks=4))
+    >>> parse_policy("shared_kv:kv_heads=1+window:size=256,sinks=4,sink=logit").default[1]
+    Window(size=256, sinks=4, sink='logit')
+    >>> parse_policy("shared_kv:kv_heads=1+window:size=256,sinks=4").default[0]
+    SharedKV(kv_heads=1, ratio=None, grouping='contiguous', merge='mean', cross_layer=1)
     >>> parse_policy("mhc:ratio=4,method=whitened").default[0].ratio
     4
     """
@@ -279,34 +283,46 @@ def _refuse_overlap(out: Path, sources: list[Path]) -> None:
 def rewrite(src: str, out: str | os.PathLike, policy: Policy, *, calibration: str | None = None,
             dtype: str = "float32", force: bool = False, allow_pickle: bool = False,
             heal: int = 0, native: bool = True, progress: bool = True, stream: bool = True,
-            allow_nonfinite: bool = False, max_shard_size: int | str = "5GB") -> dict:
+            allow_nonfinite: bool = False, max_shard_size: int | str = "5GB", target: str = "kvpass",
+            context: int = 4096) -> dict:
     """Rewrite checkpoint ``src`` into ``out`` (see module docstring). -> a summary dict.
 
     ``allow_nonfinite``: write even when a floating-point tensor of the source holds NaN/Inf
     (default: a :class:`CheckpointError` naming the tensor, nothing written; the check reads
     the bytes once, in the same background pass that hashes the source).  ``max_shard_size``:
     the largest weight file a streamed rewrite writes (bytes, or ``"5GB"``, ``"500MB"``).
+    ``target="vllm"``: a folder stock vLLM serves (:mod:`kvpass.checkpoint.vllm`); forms vLLM
+    cannot run are refused before anything is written.  ``context``: the summary reports the
+    cache at this many tokens (windows are bounded) besides bytes per token.
 
     ``stream``: layer by layer from the shards where the policy allows it
     (:mod:`kvpass.checkpoint.stream`); otherwise, or with ``stream=False``, the whole model in memory.
     ``out`` is locked meanwhile (:func:`kvpass.checkpoint.format.out_lock`)."""
     out = Path(out)
     max_bytes = parse_size(max_shard_size)
+    vllm.check_target(target)
+    if target == "vllm":  # what no layer could serve is refused before any work
+        vllm.check_forms(policy.default, "every layer (policy default)")
+        for sel, forms in policy.layers.items():
+            vllm.check_forms(forms, f"layers {sel!r}")
     if out.exists() and not force:
         raise CheckpointError(f"{out} exists; pass --force to replace it")
     folder = _check_source(src, allow_pickle)
+    if isinstance(calibration, str) and calibration in bundled_texts():  # e.g. "persuasion", "calibration"
+        calibration = load_text(calibration)
     _refuse_overlap(out, [Path(src), Path(folder)])
     with out_lock(out):  # a second rewrite to the same OUT meanwhile fails at once, naming this one
         if out.exists() and not force:
             raise CheckpointError(f"{out} exists; pass --force to replace it")
         return _rewrite(folder, src, out, policy, calibration=calibration, dtype=dtype, force=force,
                         heal=heal, native=native, progress=progress, stream=stream,
-                        allow_nonfinite=allow_nonfinite, max_shard_size=max_bytes)
+                        allow_nonfinite=allow_nonfinite, max_shard_size=max_bytes, target=target,
+                        context=context)
 
 
 def _rewrite(folder: Path, src, out: Path, policy: Policy, *, calibration, dtype: str, force: bool, heal: int,
              native: bool, progress: bool, stream: bool, allow_nonfinite: bool = False,
-             max_shard_size: int = 5 * 10**9) -> dict:
+             max_shard_size: int = 5 * 10**9, target: str = "kvpass", context: int = 4096) -> dict:
     t0 = time.perf_counter()
     safe, pickled = _source_files(folder)
     digest = BackgroundHash(safe or pickled, check_finite=not allow_nonfinite)
@@ -320,7 +336,8 @@ def _rewrite(folder: Path, src, out: Path, policy: Policy, *, calibration, dtype
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             summary = stream_rewrite(folder, out, policy, sp, dtype=torch_dtype, native=native, source=source,
                                      tokenizer=tok, calibration=calibration,
-                                     progress=progress, force=force, max_shard_size=max_shard_size)
+                                     progress=progress, force=force, max_shard_size=max_shard_size,
+                                     target=target, context=context)
             return {"source": str(folder), "out": str(out), "seconds": time.perf_counter() - t0, **summary}
         streamed_reason = sp.reason
     else:
@@ -340,51 +357,46 @@ def _rewrite(folder: Path, src, out: Path, policy: Policy, *, calibration, dtype
     fast = optimize(model, policy, calibration=calibration, tokenizer=tok, heal=heal,
                     progress=progress)
     before, after = kv_bytes_per_token(model), kv_bytes_per_token(fast)
+    at = {"tokens": context, "before": kv_cache_bytes(model, context), "after": kv_cache_bytes(fast, context)}
     if torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
     native_parts = (native_shared_kv(fast) or native_window(fast)) if native else None
-    if native_parts is None:
+    if target == "vllm":
+        save_pretrained(fast, out, tokenizer=tok, force=force, source=source, target=target, native=native)
+        kind = "native" if native_parts is not None else "kvpass (vLLM class)"
+    elif native_parts is None:
         save_pretrained(fast, out, tokenizer=tok, force=force, source=source)
         kind = "kvpass"
     else:
-        _save_native(fast, out, tok, native_parts, source, force)
+        save_native(fast, out, tok, native_parts, source, force)
         kind = "native"
     return {"source": str(folder), "out": str(out), "format": kind, "seconds": time.perf_counter() - t0,
-            "streamed": False, "why_not_streamed": streamed_reason,
-            "kv_bytes_per_token": {"before": before, "after": after}}
-
-
-def _save_native(fast, out: Path, tok, parts, source: dict, force: bool) -> None:
-    from safetensors.torch import save_file
-
-    state, changes = parts
-    with staged(out, force=force) as tmp:
-        config = fast.config.to_dict()
-        config["architectures"] = [type(fast).__name__]
-        config.update(changes)
-        section = kvpass_section(fast, source)
-        section["native"] = True
-        config["kvpass"] = section
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        seen, tensors = set(), {}
-        for name, t in state.items():  # tied weights: keep one copy (transformers re-ties them)
-            key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
-            if key is not None and key in seen:
-                continue
-            seen.add(key)
-            tensors[name] = t.contiguous()
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tok is not None:
-            tok.save_pretrained(tmp)
+            "streamed": False, "why_not_streamed": streamed_reason, "target": target,
+            "kv_bytes_per_token": {"before": before, "after": after}, "kv_cache_at_context": at}
 
 
 def main_summary(summary: dict) -> str:
+    """One line: what was written, how, and the cache it saves at the summary's context (windows
+    stop growing, so bytes per token alone would hide their saving).
+
+    >>> print(main_summary({"out": "o", "format": "kvpass", "streamed": True, "seconds": 1.0,
+    ...                     "kv_bytes_per_token": {"before": 46080, "after": 46320},
+    ...                     "kv_cache_at_context": {"tokens": 4096, "before": 188743680, "after": 23715840}}))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    wrote o (kvpass checkpoint, layer by layer) in 1.0s; KV cache at 4,096 tokens 188,743,680 -> 23,715,840
+    bytes (7.96x smaller); 46,080 -> 46,320 bytes per stored token
+    """
     b = summary["kv_bytes_per_token"]
     how = "layer by layer" if summary.get("streamed") else f"in memory ({summary.get('why_not_streamed')})"
     if summary.get("calibration_bytes"):
         how += f", calibration activations {summary['calibration_bytes'] / 1e6:.0f} MB"
-    return (f"wrote {summary['out']} ({summary['format']} checkpoint, {how}) in {summary['seconds']:.1f}s; "
-            f"KV cache {b['before']:,} -> {b['after']:,} bytes/token ({b['before'] / b['after']:.2f}x smaller)")
+    head = f"wrote {summary['out']} ({summary['format']} checkpoint, {how}) in {summary['seconds']:.1f}s; "
+    at = summary.get("kv_cache_at_context")
+    if at and at["after"]:
+        return (head + f"KV cache at {at['tokens']:,} tokens {at['before']:,} -> {at['after']:,} bytes "
+                f"({at['before'] / at['after']:.2f}x smaller); {b['before']:,} -> {b['after']:,} bytes per "
+                "stored token")
+    return head + f"KV cache {b['before']:,} -> {b['after']:,} bytes/token ({b['before'] / b['after']:.2f}x smaller)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,12 +62,13 @@ from tqdm.auto import tqdm
 from ..assets.models import is_causal_lm_config
 from ..errors import KVPassError
 from ..ir.policy import Policy
-from ..runtime.accounting import kv_bytes_per_token
+from ..runtime.accounting import kv_bytes_per_token, kv_cache_bytes
 from ..runtime.attention import KVAttention
 from ..transform import registry
 from ..transform.calibrate import RecordedCalls, calibration_ids, calls_into, hidden_key, layer_inputs
 from ..transform.optimize import optimize
 from ..transform.registry import needs_calibration
+from . import vllm
 from .format import FORMAT, plan_record, resolved, staged
 from .native import native_shared_kv, window_changes
 
@@ -372,24 +373,28 @@ def _working_copy(base: nn.Module, own: list[torch.Tensor]) -> nn.Module:
 
 def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, dtype: torch.dtype,
                    native: bool, source: dict, tokenizer, calibration=None, progress: bool = True,
-                   force: bool = False, max_shard_size: int = 5 * 10**9) -> dict:
-    """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes); an ``out``
-    that exists when the rewrite is done is replaced only with ``force``.  The layers' shards
-    are merged at the end into files of at most ``max_shard_size`` bytes (:func:`pack_shards`)."""
+                   force: bool = False, max_shard_size: int = 5 * 10**9, target: str = "kvpass",
+                   context: int = 4096) -> dict:
+    """Rewrite layer by layer (see module docstring). -> summary (format, KV bytes, the cache
+    at ``context`` tokens); an ``out`` that exists when the rewrite is done is replaced only
+    with ``force``.  The layers' shards are merged at the end into files of at most
+    ``max_shard_size`` bytes (:func:`pack_shards`).  ``target="vllm"``: see
+    :mod:`kvpass.checkpoint.vllm` (each layer's forms are checked as it is rewritten)."""
     import transformers as tf
 
     causal = is_causal_lm_config(sp.config)
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
     files = _tensor_files(folder)
     reader = _Reader(files)
-    target = _ST_DTYPES.get(dtype)
+    st_dtype = _ST_DTYPES.get(dtype)
     t0 = time.perf_counter()
     ids = vocab = None
     if sp.calibrate:
         if calibration is None:
             raise KVPassError("this policy calibrates (whitened/aware MHC, similarity grouping, calibrated "
                               "merge or refit): pass --calibration TEXT_OR_FILE")
-        ids = calibration_ids(calibration, tokenizer)
+        length, count = registry.calibration_shape(set(policy.default).union(*policy.layers.values()))
+        ids = calibration_ids(calibration, tokenizer, length=length, max_chunks=count)
         vocab, ids = torch.unique(ids, return_inverse=True)  # the twin's vocabulary: these tokens
     with staged(out, force=force) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
         if sp.calibrate:
@@ -423,7 +428,7 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
 
         def through(k: str):
             raw = through_reader.raw(k)
-            return raw if raw.dtype == target else through_reader.get(k).to(dtype)
+            return raw if raw.dtype == st_dtype else through_reader.get(k).to(dtype)
 
         groups = [[k for k in files if not per_layer.match(k)]]
         for i in range(n):
@@ -461,7 +466,13 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         own = [twin_tensors[k] for k in load_keys if k in twin_tensors and k.startswith(site.name + ".")]
         structural, plans, layer_forms = {}, {}, []
         before = kv_bytes_per_token(base) * n
+        at_before, at_after = kv_cache_bytes(base, context) * n, 0
         after = 0
+        records = []  # kvpass.vllm.layers (target vllm)
+        # a native fewer-heads output needs every layer's forms the same SharedKV (else layers
+        # sliced to fewer heads would sit in a kvpass checkpoint of the source's shapes)
+        per_layer = {policy.forms_for(i, real_name(i)) for i in range(n)}
+        uniform_shared = native and len(per_layer) == 1 and [f.kind for f in next(iter(per_layer))] == ["shared_kv"]
         native_kv = None  # stored heads of a native fewer-KV-heads output (None: not native)
         for i in tqdm(range(n), desc="kvpass: rewriting layers (streaming)", disable=not progress):
             if i == n // 2:
@@ -495,9 +506,14 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
             recorded = att_calls = None  # freed before the block runs
             att = next(m for m in fast.modules() if isinstance(m, KVAttention))
             after += kv_bytes_per_token(fast)
+            at_after += kv_cache_bytes(fast, context)
             layer_forms.append(att.kv_core.forms)
+            if target == "vllm":
+                records.append(vllm.layer_record(att.kv_core.forms, keep=att.kv_core.plan.keep,
+                                                 head_map=att.kv_core.plan.head_map, num_heads=site.num_heads,
+                                                 num_kv_heads=site.num_kv_heads, where=real))
             plans[str(i)] = plan_record(att.kv_core.plan)
-            nat = native_shared_kv(fast) if native else None
+            nat = native_shared_kv(fast) if uniform_shared else None
             if nat is not None:
                 state, changes = nat
                 if native_kv not in (None, changes["num_key_value_heads"]):
@@ -537,6 +553,11 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
         elif window is not None:
             config.update(window)
             section["native"], fmt = True, "native"
+        elif target == "vllm":
+            vllm.apply_vllm(config, section, records)
+            fmt = "kvpass (vLLM class)"
+        if target != "kvpass":
+            section["target"] = target
         config["kvpass"] = section
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -547,5 +568,6 @@ def stream_rewrite(folder: Path, out: Path, policy: Policy, sp: StreamPlan, *, d
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    return {"format": fmt, "streamed": True, "seconds_layers": time.perf_counter() - t0,
-            "calibration_bytes": calib_bytes, "kv_bytes_per_token": {"before": before, "after": after}}
+    return {"format": fmt, "streamed": True, "seconds_layers": time.perf_counter() - t0, "target": target,
+            "calibration_bytes": calib_bytes, "kv_bytes_per_token": {"before": before, "after": after},
+            "kv_cache_at_context": {"tokens": context, "before": at_before, "after": at_after}}

@@ -138,15 +138,30 @@ class MHC(Form):
 
 @dataclass(frozen=True)
 class Window(Form):
-    """Sliding window of ``size`` tokens plus the first ``sinks`` tokens (attention sinks)."""
+    """Sliding window of ``size`` tokens plus attention sinks.
+
+    ``sink="token"`` (default): the first ``sinks`` tokens stay visible to every query (their
+    K/V pinned in the cache).  ``sink="logit"``: no tokens are pinned; instead one learned logit
+    per query head joins every row's softmax with value zero (gpt-oss style, what vLLM's
+    attention runs as ``sinks``), calibrated so that attention with it matches attention with
+    the first ``sinks`` tokens (``sinks=0``: the logit starts at 0 and is only trained, by
+    healing, or loaded from a checkpoint).  The cache holds ``size`` tokens.
+    """
 
     kind: ClassVar[str] = "window"
     size: int = 512
     sinks: int = 4
+    sink: str = "token"
 
     def __post_init__(self):
         _pos_int("Window", "size", self.size)
         _pos_int("Window", "sinks", self.sinks, minimum=0)
+        _choice("Window", "sink", self.sink, ("token", "logit"))
+
+    @property
+    def pinned(self) -> int:
+        """Tokens pinned in the cache besides the window (token sinks; none for logit sinks)."""
+        return self.sinks if self.sink == "token" else 0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Example:
     >>> p.forms_for(0, "model.layers.0.self_attn")
     (Full(),)
     >>> p.forms_for(5, "model.layers.5.self_attn")
-    (Window(size=512, sinks=4),)
+    (Window(size=512, sinks=4, sink='token'),)
     >>> kvpass.Policy.from_dict(p.to_dict()) == p
     True
 """

@@ -105,7 +105,10 @@ class KVCore(nn.Module):
         return state
 
     def forward(self, q, k=None, v=None, mask=None, sink_logits=None):
-        """``sink_logits``: the model's per-head sink logits ([H], gpt-oss), when it has them."""
+        """``sink_logits``: the model's per-head sink logits ([H], gpt-oss), when it has them;
+        else the layer's own (``Window(sink="logit")`` registers ``self.sink_logits``)."""
+        if sink_logits is None:
+            sink_logits = self._parameters.get("sink_logits")
         self.__dict__["_sink"] = sink_logits  # not Module.__setattr__: a Parameter must not register
         try:
             out = self._forward(q, k, v, mask)

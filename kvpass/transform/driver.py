@@ -102,6 +102,7 @@ def trainable(att: KVAttention, site: AttentionSite) -> list[str]:
             if rel in names and rel not in out:
                 out.append(rel)
     out += [n for n in names if n.startswith("kv_core.latent.")]  # an MHC latent
+    out += [n for n in names if n == "kv_core.sink_logits"]  # Window(sink="logit")
     return out
 
 

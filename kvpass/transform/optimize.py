@@ -22,7 +22,7 @@ from .driver import Report, choose, count, rewrite_layers, shared_modules_of, tr
 from .heal import HEAL_DEFAULT_STEPS, heal_block
 from .lower import CaptureReuse, lower_site, record_calls
 from .passes import PassContext, mhc
-from .registry import changes_weights, entry, in_order, needs_calibration, traits
+from .registry import calibration_shape, changes_weights, entry, in_order, needs_calibration, traits
 
 __all__ = ["optimize", "retarget"]
 
@@ -108,7 +108,8 @@ def optimize(model: nn.Module, policy=None, calibration=None, *, tokenizer=None,
                               "MHC(allocate=True) run the whole model and need token ids")
         _rewrite_model(model, source, lossy, chosen, lowered, calibration, (0, heal_lr), report, progress)
         return model
-    ids = calibration_ids(calibration, tokenizer) if calibration is not None else None
+    length, n_seq = calibration_shape(f for s in lossy for f in chosen[s.name])
+    ids = calibration_ids(calibration, tokenizer, length=length, max_chunks=n_seq) if calibration is not None else None
     if need and ids is None:
         raise KVPassError("this policy calibrates (whitened/aware MHC, MHC refit or allocation, similarity grouping, "
                           "calibrated merge or heal): "

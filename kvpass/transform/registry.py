@@ -29,7 +29,8 @@ from ..errors import KVPassError
 from ..ir.forms import FORMS, Form, Full
 
 __all__ = ["Traits", "PassEntry", "register_pass", "entry", "traits", "registered", "needs_calibration",
-           "needs_stats", "streamable", "in_graph", "in_order", "visibility_only", "changes_weights"]
+           "needs_stats", "streamable", "in_graph", "in_order", "visibility_only", "changes_weights",
+           "calibration_shape"]
 
 
 def _never(form: Form) -> bool:
@@ -53,7 +54,8 @@ class Traits:
     weights and inputs alone: the layer-streamed rewrite can run it), ``in_graph`` (the
     compile backend can apply it inside a dynamo graph), ``structural`` (the form that
     rebuilds the layer's shapes without calibration, for checkpoints; given the form and the
-    rewritten layer).
+    rewritten layer), ``context`` (tokens one calibration sequence must hold for the form's
+    calibration to see what it fits: logit sinks need sequences past their window).
     """
 
     changes_weights: bool = False
@@ -64,6 +66,7 @@ class Traits:
     streamable: Callable[[Form], bool] = _always
     in_graph: Callable[[Form], bool] = _always
     structural: Callable | None = None
+    context: Callable[[Form], int] = lambda form: 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,23 @@ def in_order(forms) -> list[Form]:
 def visibility_only(forms) -> bool:
     """Whether ``forms`` change no weights (Full, Window, Sparse, Quantize)."""
     return not any(changes_weights(f) for f in forms)
+
+
+CALIBRATION_LENGTH = 256  # tokens per calibration sequence, unless a form needs longer ones
+CALIBRATION_TOKENS = 4096  # tokens in all (16 sequences of 256)
+
+
+def calibration_shape(forms) -> tuple[int, int]:
+    """(length, count) of the calibration sequences for ``forms``: 16 x 256 tokens, or fewer,
+    longer sequences (at least 2) when a form's calibration must see further (trait ``context``).
+
+    >>> import kvpass
+    >>> calibration_shape([kvpass.Window(512, sinks=4, sink="logit")])
+    (2064, 2)
+    """
+    need = max((traits(f).context(f) for f in forms), default=0)
+    length = max(CALIBRATION_LENGTH, need)
+    return length, max(2, CALIBRATION_TOKENS // length)
 
 
 def structural(form: Form, att) -> Form:
