@@ -169,7 +169,8 @@ def test_vllm_target_names_the_model_type_it_cannot_serve(tmp_path):
 
 
 def test_serving_bytes_counts_vllm_window_reservations():
-    """vLLM keeps window - 1 + max_num_batched_tokens tokens of a sliding layer per request."""
+    """vLLM keeps ceil((window - 1 + max_num_batched_tokens) / block) + 1 blocks of a sliding layer
+    per request (never more than the request)."""
     recs = [{"kv_heads": 2, "window": None}, {"kv_heads": 1, "window": 100}]
-    assert target.serving_bytes(recs, 64, 4096, 256, elem=4) == 2 * 2 * 64 * 4 * 4096 + 2 * 1 * 64 * 4 * 355
+    assert target.serving_bytes(recs, 64, 4096, 256, elem=4) == 2 * 2 * 64 * 4 * 4096 + 2 * 1 * 64 * 4 * 512
     assert target.serving_bytes(recs, 64, 200, 256, elem=4) == 2 * 2 * 64 * 4 * 200 + 2 * 1 * 64 * 4 * 200

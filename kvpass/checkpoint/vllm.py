@@ -135,20 +135,24 @@ def apply_vllm(config: dict, section: dict, records: list[dict]) -> None:
 
 
 def serving_bytes(records: list[dict], head_dim: int, max_model_len: int, max_num_batched_tokens: int,
-                  elem: int = 2) -> int:
-    """KV bytes one request of ``max_model_len`` tokens holds in vLLM's cache, by vLLM's rule:
-    a full-attention layer keeps every token; a sliding-window layer at most
-    ``window - 1 + max_num_batched_tokens`` (the window plus one scheduling step of new tokens).
-    Whole blocks and page-size alignment add a little on top (vLLM's figure is a bit lower).
+                  elem: int = 2, block: int = 128) -> int:
+    """KV bytes one request of ``max_model_len`` tokens holds in vLLM's cache, by vLLM's rule
+    (``SlidingWindowSpec.max_admission_blocks_per_request`` in vLLM 0.32): a full-attention layer
+    keeps every token; a sliding-window layer ``ceil(min(window - 1 + max_num_batched_tokens,
+    max_model_len) / block) + 1`` blocks (the window, one scheduling step of new tokens, and a
+    block for a window that starts mid-block).  ``block``: vLLM's block size in tokens (its CPU
+    backend: 128; layers with fewer KV heads may get larger blocks, so pages are equal in bytes).
 
     >>> full = [{"kv_heads": 3, "window": None}] * 2
     >>> mixed = [{"kv_heads": 1, "window": None}, {"kv_heads": 3, "window": 512}]
     >>> round(serving_bytes(full, 64, 8192, 512) / serving_bytes(mixed, 64, 8192, 512), 2)
-    4.36
+    4.22
     """
     total = 0
     for r in records:
         w = r.get("window")
-        held = max_model_len if w is None else min(max_model_len, w - 1 + max_num_batched_tokens)
+        held = max_model_len
+        if w is not None:
+            held = min(held, (-(-min(w - 1 + max_num_batched_tokens, max_model_len) // block) + 1) * block)
         total += 2 * r["kv_heads"] * head_dim * elem * held
     return total
