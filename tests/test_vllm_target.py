@@ -115,9 +115,9 @@ def test_vllm_target_writes_per_layer_records_and_reloads_in_kvpass(src, tmp_pat
     assert cfg["architectures"] == ["KVPassLlamaForCausalLM"]
     assert cfg["kvpass"]["hf_architecture"] == "LlamaForCausalLM" and cfg["kvpass"]["target"] == "vllm"
     assert cfg["kvpass"]["vllm"]["layers"] == [
-        {"kv_heads": 2, "keep": [0, 1], "window": 8, "sink_logits": True},
-        {"kv_heads": 1, "keep": [0], "window": None, "sink_logits": False},
-        {"kv_heads": 1, "keep": [0], "window": 12, "sink_logits": False}]
+        {"kv_heads": 2, "keep": [0, 1], "window": 8, "sink_logits": True, "kv_cache_dtype": "auto"},
+        {"kv_heads": 1, "keep": [0], "window": None, "sink_logits": False, "kv_cache_dtype": "auto"},
+        {"kv_heads": 1, "keep": [0], "window": 12, "sink_logits": False, "kv_cache_dtype": "auto"}]
     again = kvpass.from_pretrained(out)
     model, tok = models.load(src)
     fast = kvpass.optimize(model, parse_policy(str(tmp_path / "p.json")), calibration=TEXT, tokenizer=tok)
@@ -142,6 +142,8 @@ def test_vllm_target_prefers_native_outputs(src, tmp_path, capsys):
     ("sparse:block=4,local=2", ["block-sparse"]),
     ("mhc:rank=16,method=svd", ["MLA"]),
     ("quantize:bits=4,group=16", ["int4", "fp8"]),
+    ('{"version": 1, "default": {"kind": "quantize", "format": "fp8"}, "layers": {"2": {"kind": "full"}}}',
+     ["layers [0, 1]", "one KV dtype"]),
     ("shared_kv:cross_layer=2", ["cross-layer"]),
     ('{"version": 1, "default": {"kind": "full"}, "layers": {"2": {"kind": "sparse"}}}', ["layers 2:", "Sparse"]),
 ])
@@ -154,6 +156,21 @@ def test_vllm_target_refuses_what_vllm_cannot_run(src, tmp_path, capsys, policy,
     assert "--target vllm" in err and all(w in err for w in words), err
     assert not out.exists()
     assert not list(tmp_path.glob(".out*"))  # no temporary folder left either
+
+
+def test_fp8_everywhere_declares_vllms_kv_scheme(src, tmp_path):
+    """Quantize(format="fp8") on every layer: the checkpoint declares vLLM's fp8 KV-cache scheme
+    (no engine option needed) and kvpass's runtime stores one byte per value."""
+    out = tmp_path / "fp8"
+    rewrite(str(src), out, parse_policy("window:size=16,sinks=0+quantize:format=fp8"), target="vllm", progress=False)
+    cfg = _record(out)
+    assert cfg["quantization_config"]["kv_cache_scheme"]["num_bits"] == 8
+    assert {r["kv_cache_dtype"] for r in cfg["kvpass"]["vllm"]["layers"]} == {"fp8"}
+    again = kvpass.from_pretrained(out)
+    assert kvpass.kv_bytes_per_token(again) == 3 * (2 * 2 * 16 * 1 + 8)  # K+V, 2 heads x 16, 1 byte; position
+    model, _ = models.load(src)
+    diff = (again(_ids()).logits - kvpass.optimize(model, kvpass.Window(16, sinks=0))(_ids()).logits).abs().max()
+    assert 0 < diff < 0.5  # fp8 rounding: small, not nothing
 
 
 def test_vllm_target_names_the_model_type_it_cannot_serve(tmp_path):

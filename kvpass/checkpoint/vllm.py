@@ -29,8 +29,9 @@ form                          on vLLM
 ``SharedKV(cross_layer>1)``   refused (not in kvpass's vLLM class yet)
 ``Sparse``                    refused: vLLM has no block-sparse attention for these models
 ``MHC``                       refused: the MLA export is not implemented yet
-``Quantize``                  refused: vLLM stores fp8 (``kv_cache_dtype="fp8"``, an engine option),
-                              not kvpass's int8/int4/int2 groups
+``Quantize(format="fp8")``    every layer: vLLM's fp8 KV cache (declared in the checkpoint's
+                              ``quantization_config`` as a KV-cache scheme, so no engine option)
+``Quantize`` int bits         refused: vLLM stores fp8, not kvpass's int8/int4/int2 groups
 ============================  =====================================================================
 
 The vLLM class is Llama's (``model_type`` llama: Llama, SmolLM, ...); other architectures get the
@@ -41,11 +42,19 @@ from __future__ import annotations
 
 from ..errors import PolicyError
 from ..ir.forms import Form
+from ..runtime.accounting import vllm_request_bytes as serving_bytes
 
 __all__ = ["TARGETS", "ARCHITECTURE", "check_forms", "check_target", "layer_record", "apply_vllm", "refuse_reason",
            "model_records", "serving_bytes"]
 
 TARGETS = ("kvpass", "vllm")
+#: a compressed-tensors quantization config with only a KV-cache scheme: vLLM then stores the KV
+#: cache as fp8 e4m3 (scale 1: the checkpoint holds no k/v scales) with no engine option;
+#: weights stay unquantized
+FP8_KV_SCHEME = {"quant_method": "compressed-tensors", "format": "dense", "config_groups": {}, "ignore": [],
+                 "quantization_status": "frozen",
+                 "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                     "symmetric": True}}
 ARCHITECTURE = "KVPassLlamaForCausalLM"  # kvpass_vllm.ARCHITECTURE (not imported: that package needs vLLM)
 #: source model types whose layers kvpass's vLLM class reproduces
 PLUGIN_MODEL_TYPES = ("llama",)
@@ -69,8 +78,10 @@ def refuse_reason(form: Form) -> str | None:
     if kind == "mhc":
         return "the MLA export of MHC latents is not implemented yet"
     if kind == "quantize":
-        return (f"vLLM stores KV as the model dtype or fp8 (engine option kv_cache_dtype='fp8'), not "
-                f"kvpass's int{form.bits} groups")
+        if form.format == "fp8":
+            return None
+        return (f"vLLM stores KV as the model dtype or fp8 (Quantize(format='fp8'), vLLM's kv_cache_dtype='fp8'), "
+                f"not kvpass's int{form.bits} groups")
     return f"no vLLM mapping for form kind {kind!r}"
 
 
@@ -94,8 +105,9 @@ def layer_record(forms, *, keep, head_map, num_heads: int, num_kv_heads: int, wh
                           "contiguous groups (SharedKV grouping='similarity' re-lays heads out contiguously; "
                           "this map cannot be served)")
     window = next((f for f in forms if f.kind == "window"), None)
+    fp8 = any(f.kind == "quantize" and f.format == "fp8" for f in forms)
     return {"kv_heads": k, "keep": kept, "window": None if window is None else window.size,
-            "sink_logits": window is not None and window.sink == "logit"}
+            "sink_logits": window is not None and window.sink == "logit", "kv_cache_dtype": "fp8" if fp8 else "auto"}
 
 
 def check_target(target: str) -> str:
@@ -127,32 +139,16 @@ def apply_vllm(config: dict, section: dict, records: list[dict]) -> None:
     n = config.get("num_hidden_layers")
     if n != len(records):
         raise PolicyError(f"--target vllm: {len(records)} rewritten attention layers, the config has {n} layers")
+    dtypes = {r.get("kv_cache_dtype", "auto") for r in records}
+    if len(dtypes) > 1:
+        fp8 = [i for i, r in enumerate(records) if r.get("kv_cache_dtype") == "fp8"]
+        raise PolicyError(f"--target vllm: layers {fp8} ask for an fp8 KV cache and the others do not; vLLM stores one "
+                          "KV dtype for the whole model (kv_cache_dtype): give Quantize(format='fp8') to every layer "
+                          "or to none")
+    if dtypes == {"fp8"}:  # vLLM picks fp8 KV itself when the checkpoint declares a KV-cache scheme
+        config["quantization_config"] = dict(FP8_KV_SCHEME)
     archs = config.get("architectures") or ["LlamaForCausalLM"]
     section["hf_architecture"] = section.get("hf_architecture") or archs[0]
     section["target"] = "vllm"
     section["vllm"] = {"layers": records}
     config["architectures"] = [ARCHITECTURE]
-
-
-def serving_bytes(records: list[dict], head_dim: int, max_model_len: int, max_num_batched_tokens: int,
-                  elem: int = 2, block: int = 128) -> int:
-    """KV bytes one request of ``max_model_len`` tokens holds in vLLM's cache, by vLLM's rule
-    (``SlidingWindowSpec.max_admission_blocks_per_request`` in vLLM 0.32): a full-attention layer
-    keeps every token; a sliding-window layer ``ceil(min(window - 1 + max_num_batched_tokens,
-    max_model_len) / block) + 1`` blocks (the window, one scheduling step of new tokens, and a
-    block for a window that starts mid-block).  ``block``: vLLM's block size in tokens (its CPU
-    backend: 128; layers with fewer KV heads may get larger blocks, so pages are equal in bytes).
-
-    >>> full = [{"kv_heads": 3, "window": None}] * 2
-    >>> mixed = [{"kv_heads": 1, "window": None}, {"kv_heads": 3, "window": 512}]
-    >>> round(serving_bytes(full, 64, 8192, 512) / serving_bytes(mixed, 64, 8192, 512), 2)
-    4.22
-    """
-    total = 0
-    for r in records:
-        w = r.get("window")
-        held = max_model_len
-        if w is not None:
-            held = min(held, (-(-min(w - 1 + max_num_batched_tokens, max_model_len) // block) + 1) * block)
-        total += 2 * r["kv_heads"] * head_dim * elem * held
-    return total

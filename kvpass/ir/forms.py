@@ -191,8 +191,10 @@ class Quantize(Form):
     tokens; keys' outliers live in channels, KIVI) or ``"per_token"`` (a group is ``group``
     consecutive values of one token's head).  ``residual``: at least this many newest tokens
     stay in full precision; tokens are quantized a unit at a time (``group`` tokens when either
-    part is per-channel, else one).  Composes with every form: it changes how the cache stores
-    what the other forms keep.  See :mod:`kvpass.transform.passes.quantize`.
+    part is per-channel, else one).  ``format="fp8"``: instead, every value is stored as one
+    float8 e4m3 byte (scale 1, saturating at ±448) -- what vLLM stores with
+    ``kv_cache_dtype="fp8"``.  Composes with every form (fp8: not with MHC yet): it changes how
+    the cache stores what the other forms keep.  See :mod:`kvpass.transform.passes.quantize`.
     """
 
     kind: ClassVar[str] = "quantize"
@@ -201,8 +203,16 @@ class Quantize(Form):
     keys: str = "per_channel"
     values: str = "per_token"
     residual: int = 0
+    format: str = "int"
 
     def __post_init__(self):
+        _choice("Quantize", "format", self.format, ("int", "fp8"))
+        if self.format == "fp8":  # one fp8 e4m3 byte per value, scale 1: what vLLM's kv_cache_dtype="fp8" stores
+            check_value("Quantize", "bits", self.bits, self.bits == 8, "8 with format='fp8'")
+            default = Quantize()
+            for name in ("group", "keys", "values", "residual"):
+                check_value("Quantize", name, getattr(self, name), getattr(self, name) == getattr(default, name),
+                            f"{getattr(default, name)!r} with format='fp8' (no groups, scales or residual)")
         _choice("Quantize", "bits", self.bits, (8, 4, 2))
         _pos_int("Quantize", "group", self.group)
         _choice("Quantize", "keys", self.keys, ("per_channel", "per_token"))

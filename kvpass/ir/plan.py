@@ -44,7 +44,8 @@ class LayerPlan:
     ``window``/``sinks``: each query sees its last ``window`` tokens and the first ``sinks``;
     ``pattern``: a block-sparse pattern; ``latent``: the rank of an MHC latent cached instead
     of keys and values (the weights live in ``KVCore.latent``); ``quant``: the stored values
-    are quantized (:class:`~kvpass.semantics.qformat.QuantRule`).  With any of these the layer is
+    are quantized (:class:`~kvpass.semantics.qformat.QuantRule`); ``kv_dtype``: keys and values are
+    stored as fp8 bytes (no positions needed).  With any of the others the layer is
     *positional*: visibility comes from token positions (the graph's mask only says which
     tokens are padding) and the cache is a :class:`~kvpass.runtime.cache.KVRingLayer` (or
     :class:`~kvpass.runtime.cache.KVQuantLayer`) storing one position per slot.
@@ -57,6 +58,7 @@ class LayerPlan:
     pattern: SparsePattern | None = None
     latent: int | None = None
     quant: QuantRule | None = None
+    kv_dtype: str | None = None  # "fp8_e4m3": K/V stored as one float8 byte each (Quantize(format="fp8"))
 
     def kept_window(self, model_window: int | None) -> int | None:
         """The window a positional form reads: its own, none under a sparse pattern, else the

@@ -11,7 +11,7 @@ from ..graph.capture import capture
 from ..graph.sites import find_sites_in
 from .attention import KVAttention
 
-__all__ = ["kv_bytes_per_token", "kv_cache_bytes"]
+__all__ = ["kv_bytes_per_token", "kv_cache_bytes", "vllm_request_bytes"]
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -59,3 +59,26 @@ def kv_cache_bytes(model: nn.Module, tokens: int, batch: int = 1, dtype: torch.d
     return total
 
 
+def vllm_request_bytes(records: list[dict], head_dim: int, max_model_len: int, max_num_batched_tokens: int,
+                       elem: int = 2, block: int = 128) -> int:
+    """KV bytes one request of ``max_model_len`` tokens holds in vLLM's cache, by vLLM's rule
+    (``SlidingWindowSpec.max_admission_blocks_per_request`` in vLLM 0.32): a full-attention layer
+    keeps every token; a sliding-window layer ``ceil(min(window - 1 + max_num_batched_tokens,
+    max_model_len) / block) + 1`` blocks (the window, one scheduling step of new tokens, and a
+    block for a window that starts mid-block).  ``block``: vLLM's block size in tokens (its CPU
+    backend: 128; layers with fewer KV heads may get larger blocks, so pages are equal in bytes).
+    ``elem``: bytes per value of the serving dtype (fp8 records: 1).
+
+    >>> full = [{"kv_heads": 3, "window": None}] * 2
+    >>> mixed = [{"kv_heads": 1, "window": None}, {"kv_heads": 3, "window": 512}]
+    >>> round(vllm_request_bytes(full, 64, 8192, 512) / vllm_request_bytes(mixed, 64, 8192, 512), 2)
+    4.22
+    """
+    total = 0
+    for r in records:
+        w = r.get("window")
+        held = max_model_len
+        if w is not None:
+            held = min(held, (-(-min(w - 1 + max_num_batched_tokens, max_model_len) // block) + 1) * block)
+        total += 2 * r["kv_heads"] * head_dim * (1 if r.get("kv_cache_dtype") == "fp8" else elem) * held
+    return total

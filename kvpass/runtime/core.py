@@ -62,7 +62,7 @@ class KVCore(nn.Module):
         plus one int64 position for positional layers."""
         if self.producer is not None:
             return 0
-        size = torch.empty((), dtype=dtype).element_size()
+        size = 1 if self.plan.kv_dtype else torch.empty((), dtype=dtype).element_size()
         if self.plan.quant is not None:
             per = self.plan.quant.slot_bytes(self.stored_parts(), size)
             return int(per) if per == int(per) else per
@@ -140,12 +140,14 @@ class KVCore(nn.Module):
         producer = self.producer
         if producer is None:
             k, v = self._select(k, v)
+            k, v = self._narrow(k), self._narrow(v)
             if self._cache is not None:
                 k, v = ensure_layer(self._cache, self.layer_idx).update(k, v)
+            k, v = self._widen(k, q.dtype), self._widen(v, q.dtype)
             self._last = (k, v)
         elif self._cache is not None:
             layer = ensure_layer(self._cache, self.layer_idx, source=producer.layer_idx).source
-            k, v = layer.keys, layer.values
+            k, v = producer._widen(layer.keys, q.dtype), producer._widen(layer.values, q.dtype)
         else:
             k, v = producer._last
         s = self.spec
@@ -165,6 +167,19 @@ class KVCore(nn.Module):
         """Sink logits and ALiBi on positions: terms no generated kernel has yet (the reference
         runs them)."""
         return self._sink is not None or (self.plan.positional and self.spec.alibi is not None)
+
+    def _narrow(self, x):
+        """What the cache stores of keys/values ``x``: fp8 e4m3 bytes (as uint8, which every cache
+        op supports) under ``Quantize(format="fp8")``, else ``x``."""
+        if self.plan.kv_dtype is None or x is None:
+            return x
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+
+    def _widen(self, x, dtype):
+        """Stored keys/values back in ``dtype`` (the inverse of :meth:`_narrow`)."""
+        if self.plan.kv_dtype is None or x is None:
+            return x
+        return x.view(torch.float8_e4m3fn).to(dtype)
 
     def _select(self, k, v):
         if self.plan.keep is None:
@@ -203,6 +218,7 @@ class KVCore(nn.Module):
             v = k.new_zeros(B, 1, Sq, 0)
         else:
             k, v = self._select(k, v)
+            k, v = self._narrow(k), self._narrow(v)
         layer = None
         if self._cache is not None:
             layer = ensure_layer(self._cache, self.layer_idx, ring=self.ring(), quant=rule)
@@ -233,6 +249,7 @@ class KVCore(nn.Module):
                 k, v, k_pos = layer.current()
                 step = (k, v, layer.last_positions, k_pos)
         k, v, q_pos, k_pos = step[:4]
+        k, v = self._widen(k, q.dtype), self._widen(v, q.dtype)
         hats = step[4:] if len(step) > 4 else None
         if lat is None:
             return self._attend(q, k, v, q_pos, k_pos, limit, head_map, hats)

@@ -55,19 +55,30 @@ from ..errors import KVPassError, PolicyError
 from ..eval.long_range import passkey_prompt
 from ..ir.forms import Form, Full, Quantize, Window
 from ..ir.policy import Policy, register_search
-from ..runtime.accounting import kv_cache_bytes
+from ..runtime.accounting import kv_cache_bytes, vllm_request_bytes
 from ..runtime.attention import KVAttention
 from ..semantics import reference
 from ..semantics.qformat import fake_quantize
 from ..transform.optimize import optimize, retarget
 from ..transform.passes.quantize import rule as quant_rule
+from ..transform.passes.window import sink_logits_for
 from ..util import kl_divergence, knapsack
 
 __all__ = ["budget_policy", "BudgetSearch", "candidates"]
 
 
-def candidates(context: int, kinds=("quantize", "window")) -> dict[str, tuple[Form, ...]]:
-    """The per-layer options searched at ``context`` tokens, by label."""
+def candidates(context: int, kinds=("quantize", "window"), target: str = "kvpass") -> dict[str, tuple[Form, ...]]:
+    """The per-layer options searched at ``context`` tokens, by label.
+
+    ``target="vllm"``: only what vLLM serves -- full attention and windows with sink logits
+    (``Window(W, 4, sink="logit")``), all with an fp8 cache when ``"quantize"`` is among
+    ``kinds`` (vLLM stores one KV dtype for the whole model, so fp8 is all or nothing).
+
+    >>> sorted(candidates(4096, target="vllm"))
+    ['fp8', 'window 1024 + fp8', 'window 2048 + fp8', 'window 256 + fp8', 'window 512 + fp8']
+    """
+    if target == "vllm":
+        return _vllm_candidates(context, kinds)
     out: dict[str, tuple[Form, ...]] = {"full": (Full(),)}
     quants = {"int8": Quantize(bits=8, group=64), "int4": Quantize(bits=4, group=64),
               "int4 g32": Quantize(bits=4, group=32), "int2 g32": Quantize(bits=2, group=32)}
@@ -85,6 +96,21 @@ def candidates(context: int, kinds=("quantize", "window")) -> dict[str, tuple[Fo
     if unknown:
         raise PolicyError(f"Policy.budget: forms {sorted(unknown)} are not searched; allowed: quantize, window "
                           "(forms that change no weights; give MHC/SharedKV policies to optimize directly)")
+    return out
+
+
+def _vllm_candidates(context: int, kinds) -> dict[str, tuple[Form, ...]]:
+    unknown = set(kinds) - {"quantize", "window"}
+    if unknown:
+        raise PolicyError(f"Policy.budget(target='vllm'): forms {sorted(unknown)} are not searched; allowed: "
+                          "quantize (fp8 everywhere), window (sink logits)")
+    fp8 = (Quantize(format="fp8"),) if "quantize" in kinds else ()
+    tag = " + fp8" if fp8 else ""
+    out: dict[str, tuple[Form, ...]] = {"fp8" if fp8 else "full": fp8 or (Full(),)}
+    if "window" in kinds:
+        for w in (context // 16, context // 8, context // 4, context // 2):
+            if w >= 64:
+                out[f"window {w}{tag}"] = (Window(w, sinks=4, sink="logit"), *fp8)
     return out
 
 
@@ -134,7 +160,22 @@ def _untap(cores):
         c.taps.pop()
 
 
-def _layer_errors(core, q, k, v, options: dict[str, tuple[Form, ...]]) -> dict[str, float]:
+def _logits_for(core, q, k, v, f: Window, fitted: dict | None) -> torch.Tensor:
+    """Sink logits of a ``Window(sink="logit")`` option on this layer: fitted on this batch's
+    queries (the last ones of the long chunk), or the ones fitted there before (``fitted``)."""
+    key = (core.layer_idx, f.size, f.sinks)
+    if fitted is not None and key in fitted:
+        return fitted[key]
+    hm = torch.tensor(core.spec.kv_head_map, device=k.device)
+    sigma = sink_logits_for(q, k.index_select(1, hm), v.index_select(1, hm), scale=core.spec.scale,
+                            softcap=core.spec.softcap, size=f.size, sinks=f.sinks, q_offset=k.shape[2] - q.shape[2])
+    if fitted is not None:
+        fitted[key] = sigma
+    return sigma
+
+
+def _layer_errors(core, q, k, v, options: dict[str, tuple[Form, ...]], fitted: dict | None = None
+                  ) -> dict[str, float]:
     """Relative error of the layer's attention output (last queries) under each option.
 
     Quantized options attend over the quantized keys/values everywhere (the flush rule's
@@ -152,8 +193,13 @@ def _layer_errors(core, q, k, v, options: dict[str, tuple[Form, ...]]) -> dict[s
     for label, forms in options.items():
         kw, kk, vv = dict(base), k, v
         for f in forms:
-            if f.kind == "window":
+            if f.kind == "window" and f.sink == "logit":
+                kw.update(window=f.size, sinks=0, sink_logits=_logits_for(core, q, k, v, f, fitted).to(q.dtype))
+            elif f.kind == "window":
                 kw.update(window=f.size, sinks=f.sinks)
+            elif f.kind == "quantize" and f.format == "fp8":
+                kk = kk.clamp(-448, 448).to(torch.float8_e4m3fn).to(k.dtype)
+                vv = vv.clamp(-448, 448).to(torch.float8_e4m3fn).to(v.dtype)
             elif f.kind == "quantize":
                 if f not in hats:
                     r = quant_rule(f)
@@ -181,10 +227,18 @@ def _retrieval_ids(tokenizer, text: str, context: int):
 
 def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=("quantize", "window"),
                   calibration=None, tokenizer=None, dtype: torch.dtype | None = None, queries: int = 128,
-                  probe: int = 256, progress: bool = True) -> Policy:
+                  probe: int = 256, progress: bool = True, target: str = "kvpass",
+                  max_num_batched_tokens: int = 512) -> Policy:
     """The per-layer policy for ``1 / kv_ratio`` of the cache at ``context`` tokens (module
     docstring).  ``calibration``: text (with ``tokenizer``) or token ids [N, S]; default the
-    bundled calibration text (*Persuasion*), never the evaluation text."""
+    bundled calibration text (*Persuasion*), never the evaluation text.
+
+    ``target="vllm"``: only options vLLM serves (:func:`candidates`), costed as vLLM holds them
+    for one request of ``context`` tokens (:func:`kvpass.runtime.accounting.vllm_request_bytes`:
+    a window layer keeps its window plus ``max_num_batched_tokens``, in whole blocks); the
+    policy then rewrites with ``kvpass rewrite --target vllm`` (its logit sinks calibrate)."""
+    if target not in ("kvpass", "vllm"):
+        raise PolicyError(f"Policy.budget: target: invalid value {target!r}; allowed: 'kvpass', 'vllm'")
     if not kv_ratio > 1:
         raise PolicyError(f"Policy.budget: kv_ratio={kv_ratio!r} must be > 1 (the cache shrinks by this factor)")
     if calibration is None or isinstance(calibration, str):
@@ -201,7 +255,7 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
                               f"context={context} needs that many")
         long_ids, probe_ids = ids[:1, :context], ids[:1, :min(probe, context)]
         retrieval = None
-    options = candidates(context, forms)
+    options = candidates(context, forms, target)
     dtype = dtype or next(model.parameters()).dtype
     lowered = optimize(model, Full())
     atts = [m for m in lowered.modules() if isinstance(m, KVAttention)]
@@ -209,17 +263,30 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
     causal = [c for c in cores if c.spec.causal]
     if not causal:
         raise KVPassError("Policy.budget: the model has no causal attention (no KV cache to budget)")
-    original = kv_cache_bytes(lowered, context, dtype=dtype)
-    budget = int(original / kv_ratio)
-    # cache bytes of each option on each layer (exact layouts); options a layer refuses drop out
     cost: dict[str, dict[int, int]] = {}
-    for label, fs in options.items():
-        try:
-            retarget(lowered, Policy(default=fs))
-        except KVPassError:
-            continue
-        cost[label] = {c.layer_idx: c.cache_bytes(context, dtype) for c in cores}
-    retarget(lowered, Full())
+    if target == "vllm":  # as vLLM holds one request of `context` tokens
+        elem = torch.empty((), dtype=dtype).element_size()
+
+        def served(c, fs):
+            w = next((f.size for f in fs if f.kind == "window"), None)
+            fp8 = any(f.kind == "quantize" for f in fs)
+            rec = {"kv_heads": c.stored_heads(), "window": w, "kv_cache_dtype": "fp8" if fp8 else "auto"}
+            return vllm_request_bytes([rec], c.spec.head_dim, context, max_num_batched_tokens, elem)
+
+        original = sum(served(c, (Full(),)) for c in cores)
+        cost = {label: {c.layer_idx: served(c, fs) for c in cores} for label, fs in options.items()}
+    else:
+        original = kv_cache_bytes(lowered, context, dtype=dtype)
+        # cache bytes of each option on each layer (exact layouts); options a layer refuses drop out
+        for label, fs in options.items():
+            try:
+                retarget(lowered, Policy(default=fs))
+            except KVPassError:
+                continue
+            cost[label] = {c.layer_idx: c.cache_bytes(context, dtype) for c in cores}
+        retarget(lowered, Full())
+    budget = int(original / kv_ratio)
+    fitted: dict = {}  # sink logits of logit-window options, fitted on the long chunk, reused
     labels = list(cost)
     steps = len(causal) + 2
     bar = tqdm(total=steps, desc="kvpass: budget search", disable=not progress)
@@ -230,7 +297,7 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
         finally:
             _untap(cores)
         bar.update()
-        err = {c.layer_idx: _layer_errors(c, *store[c.layer_idx], {lb: options[lb] for lb in labels})
+        err = {c.layer_idx: _layer_errors(c, *store[c.layer_idx], {lb: options[lb] for lb in labels}, fitted)
                for c in causal}
         del store
         if retrieval is not None:  # the answer positions of a pass-key prompt: far retrieval
@@ -241,7 +308,7 @@ def budget_policy(model: nn.Module, kv_ratio: float, context: int = 4096, forms=
             finally:
                 _untap(cores)
             for c in causal:
-                far = _layer_errors(c, *store[c.layer_idx], {lb: options[lb] for lb in labels})
+                far = _layer_errors(c, *store[c.layer_idx], {lb: options[lb] for lb in labels}, fitted)
                 err[c.layer_idx] = {lb: err[c.layer_idx][lb] + far[lb] for lb in labels}
             del store
         pstore = _taps(cores, min(queries, probe_ids.shape[1]))

@@ -156,7 +156,7 @@ def calibration_shape(forms) -> tuple[int, int]:
 
     >>> import kvpass
     >>> calibration_shape([kvpass.Window(512, sinks=4, sink="logit")])
-    (2064, 2)
+    (1032, 3)
     """
     need = max((traits(f).context(f) for f in forms), default=0)
     length = max(CALIBRATION_LENGTH, need)

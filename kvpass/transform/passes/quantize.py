@@ -6,6 +6,11 @@ takes, and the savings multiply.  The layer becomes positional (tokens carry pos
 its cache is a :class:`kvpass.runtime.cache.KVQuantLayer`; the meaning (which query sees which token
 quantized) is :class:`kvpass.semantics.qformat.QuantRule`, tested against :mod:`kvpass.semantics.reference`.
 
+``Quantize(format="fp8")``: each key and value is stored as one float8 e4m3 byte (scale 1,
+saturating at ±448; the cache tensors are uint8 views of them), read back in the model's dtype:
+vLLM's ``kv_cache_dtype="fp8"``, so that kvpass's runtime measures the quality vLLM serves.
+No positions are needed (the layer stays non-positional unless another form makes it so).
+
 What it saves: **memory** (``bits/16`` of a 16-bit cache plus scales: int8 with groups of 64
 ≈ 0.53, int4 ≈ 0.28, int2 ≈ 0.16; the residual buffer is a constant) — not compute: the
 attention still reads every visible token.
@@ -54,6 +59,11 @@ def apply(att: KVAttention, site: AttentionSite, form: Quantize, ctx=None) -> La
     if not site.causal:
         raise SiteError(f"{site.name}: Quantize stores a KV cache, but this attention is bidirectional "
                         "(an encoder keeps no cache); leave it Full() or use Sparse")
+    if form.format == "fp8":
+        if plan.latent is not None or att.kv_core.latent is not None:
+            raise SiteError(f"{site.name}: Quantize(format='fp8') on an MHC latent is not supported yet; "
+                            "use int bits (Quantize(bits=8)) there")
+        return dataclasses.replace(plan, kv_dtype="fp8_e4m3")
     r = rule(form)
     core = att.kv_core
     parts = core.stored_parts() if core.latent is not None or plan.latent is None else [(1, plan.latent), (1, 0)]
