@@ -144,6 +144,7 @@ def test_vllm_target_prefers_native_outputs(src, tmp_path, capsys):
     ("quantize:bits=4,group=16", ["int4", "fp8"]),
     ('{"version": 1, "default": {"kind": "quantize", "format": "fp8"}, "layers": {"2": {"kind": "full"}}}',
      ["layers [0, 1]", "one KV dtype"]),
+    ("window:size=8,sinks=2,sink=logit+quantize:format=fp8", ["sink logits with an fp8 KV cache"]),
     ("shared_kv:cross_layer=2", ["cross-layer"]),
     ('{"version": 1, "default": {"kind": "full"}, "layers": {"2": {"kind": "sparse"}}}', ["layers 2:", "Sparse"]),
 ])
@@ -191,3 +192,32 @@ def test_serving_bytes_counts_vllm_window_reservations():
     recs = [{"kv_heads": 2, "window": None}, {"kv_heads": 1, "window": 100}]
     assert target.serving_bytes(recs, 64, 4096, 256, elem=4) == 2 * 2 * 64 * 4 * 4096 + 2 * 1 * 64 * 4 * 512
     assert target.serving_bytes(recs, 64, 200, 256, elem=4) == 2 * 2 * 64 * 4 * 200 + 2 * 1 * 64 * 4 * 200
+
+
+def test_budget_for_vllm_searches_only_what_vllm_serves(tmp_path):
+    """Policy.budget(target="vllm"): every chosen layer is servable (full or logit-sink windows,
+    fp8 on all layers or none), within the budget as vLLM holds a request, and the policy
+    rewrites to a vLLM folder."""
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 1024))
+    for kinds, ratio in ((("quantize", "window"), 6), (("window",), 2)):
+        pol = kvpass.Policy.budget(model, kv_ratio=ratio, context=1024, calibration=ids, progress=False,
+                                   target="vllm", max_num_batched_tokens=64, forms=kinds)
+        search = pol.explanation
+        assert search.bytes <= search.budget
+        chosen = [pol.forms_for(i, "") for i in range(3)]
+        for forms in chosen:
+            target.check_forms(forms, "test")
+            fp8_here = any(f.kind == "quantize" for f in forms)
+            assert all(f.sink == "logit" or (fp8_here and f.sinks == 0) for f in forms if f.kind == "window")
+        fp8 = {any(f.kind == "quantize" for f in forms) for forms in chosen}
+        assert fp8 == ({True} if "quantize" in kinds else {False})
+        assert any(f.kind == "window" for forms in chosen for f in forms)  # the budget needs windows
+    fast = kvpass.optimize(model, pol, calibration=ids)
+    kvpass.save_pretrained(fast, tmp_path / "out", target="vllm")
+    assert _record(tmp_path / "out")["architectures"] == [target.ARCHITECTURE]
+    with pytest.raises(kvpass.PolicyError, match="not searched"):
+        kvpass.Policy.budget(model, kv_ratio=2, context=1024, calibration=ids, target="vllm", forms=("sparse",))

@@ -91,6 +91,13 @@ def check_forms(forms, where: str) -> None:
         why = refuse_reason(f)
         if why:
             raise PolicyError(f"--target vllm: {where}: {f!r} cannot be served by vLLM: {why}")
+    fp8 = any(f.kind == "quantize" and f.format == "fp8" for f in forms)
+    if fp8 and any(f.kind == "window" and f.sink == "logit" for f in forms):
+        raise PolicyError(f"--target vllm: {where}: sink logits with an fp8 KV cache: vLLM 0.32's CPU attention "
+                          "computes this combination differently from its own bf16/fp32 path (measured on "
+                          "SmolLM2: perplexity 41.8 against 49.8 for kvpass's reference on the same folder), so "
+                          "the served model would not be the one kvpass measured; use Window(sinks=0) with fp8, "
+                          "or no fp8")
 
 
 def layer_record(forms, *, keep, head_map, num_heads: int, num_kv_heads: int, where: str) -> dict:

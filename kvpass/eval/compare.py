@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..assets.text import load_text, split_sentences, token_chunks
-from ..ir.forms import Full
+from ..ir.forms import Full, label_items
 from ..ir.policy import Policy
 from ..runtime.accounting import kv_cache_bytes
 from ..runtime.cache import cache_nbytes
@@ -200,7 +200,7 @@ def decode_speed(model: nn.Module, ids: torch.Tensor, steps: int = 16, chunk: in
 def _label(policy) -> str:
     p = Policy.of(policy)
     if not p.layers:
-        return "+".join(f.kind + "(" + ",".join(f"{k}={v}" for k, v in f.to_dict().items() if k != "kind") + ")"
+        return "+".join(f.kind + "(" + ",".join(f"{k}={v}" for k, v in label_items(f)) + ")"
                         for f in p.default)
     return f"policy ({len(p.layers)} overrides)"
 

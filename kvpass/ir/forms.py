@@ -10,12 +10,21 @@ from typing import ClassVar
 
 from ..errors import PolicyError
 
-__all__ = ["Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "Quantize", "FORMS", "POLICY_VERSION", "as_forms"]
+__all__ = ["label_items", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "Quantize", "FORMS", "POLICY_VERSION", "as_forms"]
 
 POLICY_VERSION = 1
 
 
 FORMS: dict[str, type[Form]] = {}
+#: field metadata: labels (kvpass.evaluate's, bench rows) leave the field out at its default, so
+#: fields added later keep earlier labels unchanged
+QUIET = {"quiet_at_default": True}
+
+
+def label_items(form: Form) -> list[tuple[str, object]]:
+    """(field, value) pairs a label shows: every field, less quiet ones at their default."""
+    return [(f.name, getattr(form, f.name)) for f in dataclasses.fields(form)
+            if not (f.metadata.get("quiet_at_default") and getattr(form, f.name) == f.default)]
 
 
 def check_value(cls: str, name: str, value, ok: bool, allowed: str) -> None:
@@ -151,7 +160,7 @@ class Window(Form):
     kind: ClassVar[str] = "window"
     size: int = 512
     sinks: int = 4
-    sink: str = "token"
+    sink: str = dataclasses.field(default="token", metadata=QUIET)
 
     def __post_init__(self):
         _pos_int("Window", "size", self.size)
@@ -203,7 +212,7 @@ class Quantize(Form):
     keys: str = "per_channel"
     values: str = "per_token"
     residual: int = 0
-    format: str = "int"
+    format: str = dataclasses.field(default="int", metadata=QUIET)
 
     def __post_init__(self):
         _choice("Quantize", "format", self.format, ("int", "fp8"))

@@ -70,12 +70,15 @@ __all__ = ["budget_policy", "BudgetSearch", "candidates"]
 def candidates(context: int, kinds=("quantize", "window"), target: str = "kvpass") -> dict[str, tuple[Form, ...]]:
     """The per-layer options searched at ``context`` tokens, by label.
 
-    ``target="vllm"``: only what vLLM serves -- full attention and windows with sink logits
-    (``Window(W, 4, sink="logit")``), all with an fp8 cache when ``"quantize"`` is among
-    ``kinds`` (vLLM stores one KV dtype for the whole model, so fp8 is all or nothing).
+    ``target="vllm"``: only what vLLM serves -- full attention and windows, all with an fp8
+    cache when ``"quantize"`` is among ``kinds`` (vLLM stores one KV dtype for the whole model,
+    so fp8 is all or nothing); windows with sink logits (``Window(W, 4, sink="logit")``) without
+    fp8 (vLLM's CPU attention runs sinks with an fp8 cache differently), plain windows with it.
 
     >>> sorted(candidates(4096, target="vllm"))
     ['fp8', 'window 1024 + fp8', 'window 2048 + fp8', 'window 256 + fp8', 'window 512 + fp8']
+    >>> candidates(4096, ("window",), target="vllm")["window 512"]
+    (Window(size=512, sinks=4, sink='logit'),)
     """
     if target == "vllm":
         return _vllm_candidates(context, kinds)
@@ -110,7 +113,7 @@ def _vllm_candidates(context: int, kinds) -> dict[str, tuple[Form, ...]]:
     if "window" in kinds:
         for w in (context // 16, context // 8, context // 4, context // 2):
             if w >= 64:
-                out[f"window {w}{tag}"] = (Window(w, sinks=4, sink="logit"), *fp8)
+                out[f"window {w}{tag}"] = (Window(w, sinks=0), *fp8) if fp8 else (Window(w, sinks=4, sink="logit"),)
     return out
 
 
