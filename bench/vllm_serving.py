@@ -138,9 +138,10 @@ def main() -> None:
             "throughput_tok_s": r[first]["throughput"]["output_tokens_per_s"],
             "ppl_vllm": math.exp(nll), "ppl_kvpass": kv_ppl[name]}
     o, w = report["sides"]["original"], report["sides"]["rewritten"]
-    report["ratios"] = {"capacity": {L: w["capacity_tokens"][L] / o["capacity_tokens"][L] for L in o["capacity_tokens"]},
-                        "throughput": w["throughput_tok_s"] / o["throughput_tok_s"],
-                        "ppl_vllm": w["ppl_vllm"] / o["ppl_vllm"] - 1, "ppl_kvpass": w["ppl_kvpass"] / o["ppl_kvpass"] - 1}
+    caps = {L: w["capacity_tokens"][L] / o["capacity_tokens"][L] for L in o["capacity_tokens"]}
+    report["ratios"] = {"capacity": caps, "throughput": w["throughput_tok_s"] / o["throughput_tok_s"],
+                        "ppl_vllm": w["ppl_vllm"] / o["ppl_vllm"] - 1,
+                        "ppl_kvpass": w["ppl_kvpass"] / o["ppl_kvpass"] - 1}
     print(table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

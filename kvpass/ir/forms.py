@@ -10,7 +10,8 @@ from typing import ClassVar
 
 from ..errors import PolicyError
 
-__all__ = ["label_items", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "Quantize", "FORMS", "POLICY_VERSION", "as_forms"]
+__all__ = ["label_items", "Form", "Full", "SharedKV", "MHC", "Window", "Sparse", "Quantize", "FORMS", "POLICY_VERSION",
+           "as_forms"]
 
 POLICY_VERSION = 1
 
