@@ -79,7 +79,11 @@ def main() -> None:
     ap.add_argument("--space-gib", type=int, default=4, help="vLLM's KV cache space (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the rewrite and vLLM's files (default: temp)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--readme", nargs="*", type=Path, default=None,
+                    help="only rewrite README.md's table (between <!-- vllm:start/end -->) from these JSON files")
     args = ap.parse_args()
+    if args.readme is not None:
+        return update_readme(args.readme)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="kvpass-vllm-bench-"))
@@ -122,7 +126,8 @@ def main() -> None:
         m = models.load(folder)[0] if name == "original" else kvpass.from_pretrained(folder)
         kv_ppl[name] = perplexity(m, chunks, batch_size=1, progress=False)
     first = args.lengths[0]
-    report = {"model": args.model, "policy": label, "policy_dict": policy.to_dict(), "dtype": args.dtype,
+    report = {"command": "python bench/vllm_serving.py " + " ".join(sys.argv[1:]), "model": args.model,
+              "policy": label, "policy_dict": policy.to_dict(), "dtype": args.dtype,
               "step": args.step, "format": summary["format"], "seconds": time.perf_counter() - t0,
               "ppl_setting": f"{args.ppl_chunks} x {args.ppl_len} tokens of Emma (held out)",
               "throughput_setting": f"{args.requests} requests x {args.prompt} in / {args.output} out, "
@@ -146,6 +151,19 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def update_readme(files: list[Path]) -> None:
+    """README.md's vLLM tables, one per JSON a run wrote, with the command that made it."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    a, b = text.index("<!-- vllm:start -->"), text.index("<!-- vllm:end -->")
+    parts = []
+    for f in files:
+        report = json.loads(Path(f).read_text())
+        parts.append(table(report) + f"\n\n(`{report.get('command', 'python bench/vllm_serving.py')}`, "
+                     f"JSON `{Path(f).as_posix()}`, {report['seconds'] / 60:.0f} min)\n")
+    readme.write_text(text[:a] + "<!-- vllm:start -->\n" + "\n".join(parts) + text[b:])
 
 
 def table(report: dict) -> str:
