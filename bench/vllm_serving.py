@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def run_vllm(jobs: list[dict], work: Path, space_gib: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    what = ap.add_mutually_exclusive_group(required=True)
+    what = ap.add_mutually_exclusive_group()
     what.add_argument("--policy", help="policy for kvpass rewrite (file, JSON or kind:key=value forms)")
     what.add_argument("--budget", type=float, help="search a vLLM-servable policy for 1/BUDGET of the cache")
     ap.add_argument("--budget-context", type=int, default=8192, help="context the budget is met at")
@@ -78,12 +79,15 @@ def main() -> None:
     ap.add_argument("--ppl-chunks", type=int, default=4)
     ap.add_argument("--space-gib", type=int, default=4, help="vLLM's KV cache space (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the rewrite and vLLM's files (default: temp)")
+    ap.add_argument("--label", default=None, help="the policy's name in the table (default: --policy as given)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--readme", nargs="*", type=Path, default=None,
                     help="only rewrite README.md's table (between <!-- vllm:start/end -->) from these JSON files")
     args = ap.parse_args()
     if args.readme is not None:
         return update_readme(args.readme)
+    if not (args.policy or args.budget):
+        ap.error("give --policy or --budget (or --readme JSON...)")
     torch.manual_seed(0)
     t0 = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="kvpass-vllm-bench-"))
@@ -99,7 +103,7 @@ def main() -> None:
         label = f"budget {args.budget:g}x (vLLM options) @ {args.budget_context}"
     else:
         policy = parse_policy(args.policy)
-        label = args.policy
+        label = args.label or args.policy
     out = work / "rewritten"
     summary = rewrite(str(src), out, policy, calibration=calib, force=True, target="vllm", context=args.budget_context,
                       progress=True)
@@ -126,7 +130,7 @@ def main() -> None:
         m = models.load(folder)[0] if name == "original" else kvpass.from_pretrained(folder)
         kv_ppl[name] = perplexity(m, chunks, batch_size=1, progress=False)
     first = args.lengths[0]
-    report = {"command": "python bench/vllm_serving.py " + " ".join(sys.argv[1:]), "model": args.model,
+    report = {"command": "python bench/vllm_serving.py " + shlex.join(sys.argv[1:]), "model": args.model,
               "policy": label, "policy_dict": policy.to_dict(), "dtype": args.dtype,
               "step": args.step, "format": summary["format"], "seconds": time.perf_counter() - t0,
               "ppl_setting": f"{args.ppl_chunks} x {args.ppl_len} tokens of Emma (held out)",
